@@ -1,0 +1,1 @@
+"""Backends: how container traffic is carried between hosts."""

@@ -1,0 +1,1 @@
+"""Subnet leases: the lease values, the etcd registry behind a small protocol, the manager, the watcher."""
