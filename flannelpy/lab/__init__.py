@@ -1,0 +1,1 @@
+"""Real servers and namespaces for tests, the demo and benchmarks (not used by the daemon)."""
