@@ -221,7 +221,9 @@ def _ipv4_part(raw: dict[str, Any]) -> tuple[IPv4Network, int, IPv4Address, IPv4
             )
     else:
         if subnet_len > 30:
-            raise ConfigError(f"config key SubnetLen={subnet_len}: must be 30 or less (subnets of /31, /32 hold no hosts)")
+            raise ConfigError(
+                f"config key SubnetLen={subnet_len}: must be 30 or less (subnets of /31, /32 hold no hosts)"
+            )
         if subnet_len < plen + 2:
             raise ConfigError(
                 f"config key SubnetLen={subnet_len}: network must be able to accommodate at least four subnets "
@@ -255,7 +257,9 @@ def _ipv4_part(raw: dict[str, Any]) -> tuple[IPv4Network, int, IPv4Address, IPv4
 def _ipv6_part(raw: dict[str, Any]) -> tuple[IPv6Network, int, IPv6Address, IPv6Address]:
     text = _str(raw, "ipv6network", "IPv6Network")
     if text is None:
-        raise ConfigError('config key IPv6Network is missing while EnableIPv6 is true, e.g. "IPv6Network": "fd00:6::/56"')
+        raise ConfigError(
+            'config key IPv6Network is missing while EnableIPv6 is true, e.g. "IPv6Network": "fd00:6::/56"'
+        )
     try:
         network = IPv6Network(text, strict=False)
     except ValueError:

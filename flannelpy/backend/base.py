@@ -60,7 +60,8 @@ class Backend(abc.ABC):
         """Remote leases appeared (or were renewed/changed) or disappeared. Never our own lease."""
 
     async def run(self) -> None:
-        """Background work (reconciliation) until cancelled. Default: nothing."""
+        """Background work (reconciliation) until cancelled. Default: nothing to do."""
+        return None
 
     @abc.abstractmethod
     async def stop(self) -> None:

@@ -1,0 +1,268 @@
+"""The `flannelpy` command: flanneld's flags and FLANNELD_* variables, plus operator verbs.
+
+    flannelpy [flags]                  run the daemon (flanneld's flags; the command line wins over env)
+    flannelpy config get|set FILE|JSON read or write <prefix>/config with the etcd v3 API
+    flannelpy leases                   list leases: subnet, PublicIP, backend, TTL left
+    flannelpy mk-docker-opts [-f -d -i -c -k -m]   Docker options from the subnet file
+    flannelpy demo                     a three-host cluster in network namespaces on this machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from flannelpy import __version__
+
+ENV_PREFIX = "FLANNELD_"
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "t", "true", "yes", "on"):
+        return True
+    if low in ("0", "f", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (use true or false)")
+
+
+def _renew_margin(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 1439:
+        raise argparse.ArgumentTypeError(
+            f"--subnet-lease-renew-margin={value}: must be between 1 and 1439 minutes (less than 24 h)"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One daemon flag; `env` is derived so docs and code cannot disagree."""
+
+    name: str
+    default: Any
+    help: str
+    kind: Callable[[str], Any] = str
+    repeat: bool = False
+    boolean: bool = False
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper().replace("-", "_")
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("etcd-endpoints", "http://127.0.0.1:4001,http://127.0.0.1:2379", "comma-separated list of etcd endpoints"),
+    Flag("etcd-prefix", "/coreos.com/network", "etcd prefix"),
+    Flag("etcd-keyfile", "", "SSL key file used to secure etcd communication"),
+    Flag("etcd-certfile", "", "SSL certification file used to secure etcd communication"),
+    Flag("etcd-cafile", "", "SSL Certificate Authority file used to secure etcd communication"),
+    Flag("etcd-username", "", "username for BasicAuth to etcd"),
+    Flag("etcd-password", "", "password for BasicAuth to etcd"),
+    Flag("iface", [], "interface to use (IP or name) for inter-host communication; repeatable", repeat=True),
+    Flag("iface-regex", [], "regex of interface name or IP to use for inter-host communication; repeatable",
+         repeat=True),
+    Flag("iface-can-reach", "", "detect the interface to use by the route to this IP"),
+    Flag("public-ip", "", "IP accessible by other nodes for inter-host communication"),
+    Flag("subnet-file", "/run/flannel/subnet.env", "filename where env variables (subnet, MTU, ...) will be written"),
+    Flag("subnet-lease-renew-margin", 60, "subnet lease renewal margin, in minutes (1..1439)", _renew_margin),
+    Flag("ip-masq", False, "setup IP masquerade rule for traffic destined outside of overlay network",
+         _bool, boolean=True),
+    Flag("iptables-resync", 5, "resync period for iptables rules, in seconds", int),
+    Flag("iptables-forward-rules", True, "add default accept rules to FORWARD chain in iptables", _bool, boolean=True),
+    Flag("healthz-ip", "0.0.0.0", "the IP address for healthz server to listen"),
+    Flag("healthz-port", 0, "the port for healthz server to listen (0 to disable)", int),
+    Flag("log-format", "text", "log lines as key=value text or one JSON object per line (text|json)"),
+    Flag("subnet-lease-ttl", 86400,
+         "TEST ONLY: etcd lease TTL in seconds (flanneld: fixed 24 h); see docs/operations.md", int),
+)
+FLAG_BY_DEST = {f.dest: f for f in FLAGS}
+
+
+def _normalise(argv: Sequence[str]) -> list[str]:
+    """Go's flag package accepts -name and --name alike; argparse wants --name."""
+    out = []
+    for arg in argv:
+        if arg.startswith("-") and not arg.startswith("--") and len(arg.split("=", 1)[0]) > 2:
+            arg = "-" + arg
+        out.append(arg)
+    return out
+
+
+def daemon_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flannelpy",
+        description="flannel overlay network daemon (flanneld-compatible flags; FLANNELD_<FLAG> env vars). "
+        "Verbs: config get|set, leases, mk-docker-opts, demo.",
+    )
+    for f in FLAGS:
+        if f.repeat:
+            p.add_argument(f"--{f.name}", dest=f.dest, action="append", default=None, help=f.help)
+        elif f.boolean:
+            p.add_argument(f"--{f.name}", dest=f.dest, nargs="?", const=True, default=None, type=f.kind,
+                           help=f"{f.help} (default {str(f.default).lower()})")
+        else:
+            p.add_argument(f"--{f.name}", dest=f.dest, default=None, type=f.kind,
+                           help=f"{f.help} (default {f.default!r})")
+    p.add_argument("-v", dest="v", type=int, nargs="?", const=1, default=None,
+                   help="log verbosity (0 = info; 2 and more = debug); env FLANNELD_V")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    return p
+
+
+def parse_daemon_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> argparse.Namespace:
+    """Flags from argv, else FLANNELD_* from the environment, else flanneld's defaults."""
+    env = os.environ if environ is None else environ
+    p = daemon_parser()
+    ns = p.parse_args(_normalise(argv))
+    for f in FLAGS:
+        if getattr(ns, f.dest) is not None:
+            continue
+        raw = env.get(f.env)
+        if raw is None:
+            setattr(ns, f.dest, list(f.default) if f.repeat else f.default)
+            continue
+        try:
+            if f.repeat:
+                value: Any = [x for x in raw.split(",") if x] if f.name == "iface" else [raw]
+            else:
+                value = f.kind(raw)
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            p.error(f"environment variable {f.env}={raw!r}: {e}")
+        setattr(ns, f.dest, value)
+    if ns.v is None:
+        ns.v = int(env.get("FLANNELD_V", "0") or 0)
+    if ns.log_format not in ("text", "json"):
+        p.error(f"--log-format={ns.log_format!r}: use text or json")
+    return ns
+
+
+def _registry_from(ns: argparse.Namespace) -> Any:
+    from flannelpy.subnet.registry import EtcdRegistry
+
+    return EtcdRegistry(
+        [e.strip() for e in ns.etcd_endpoints.split(",") if e.strip()],
+        cafile=ns.etcd_cafile or None, certfile=ns.etcd_certfile or None, keyfile=ns.etcd_keyfile or None,
+        username=ns.etcd_username or None, password=ns.etcd_password or None,
+    )
+
+
+def _client_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"flannelpy {prog}")
+    for name in ("etcd-endpoints", "etcd-prefix", "etcd-cafile", "etcd-certfile", "etcd-keyfile",
+                 "etcd-username", "etcd-password"):
+        f = next(x for x in FLAGS if x.name == name)
+        p.add_argument(f"--{name}", dest=f.dest, default=os.environ.get(f.env, f.default), help=f.help)
+    return p
+
+
+def config_main(argv: Sequence[str]) -> int:
+    p = _client_parser("config")
+    p.add_argument("action", choices=("get", "set"))
+    p.add_argument("value", nargs="?", help="for set: a JSON object, a file name, or - for standard input")
+    ns = p.parse_args(_normalise(argv))
+
+    async def go() -> int:
+        from flannelpy.errors import ConfigError
+        from flannelpy.subnet.manager import SubnetManager
+
+        registry = _registry_from(ns)
+        try:
+            manager = SubnetManager(registry, ns.etcd_prefix)
+            if ns.action == "get":
+                text = await manager.get_config_text()
+                if text is None:
+                    print(f"no network config at {ns.etcd_prefix}/config", file=sys.stderr)
+                    return 1
+                print(text)
+                return 0
+            if ns.value is None:
+                p.error("config set needs a JSON object, a file name or -")
+            if ns.value == "-":
+                text = sys.stdin.read()
+            elif ns.value.lstrip().startswith("{"):
+                text = ns.value
+            else:
+                with open(ns.value) as fh:
+                    text = fh.read()
+            try:
+                await manager.set_config(text)
+            except ConfigError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            print(f"wrote {ns.etcd_prefix}/config")
+            return 0
+        finally:
+            await registry.close()
+
+    return asyncio.run(go())
+
+
+def leases_main(argv: Sequence[str]) -> int:
+    p = _client_parser("leases")
+    p.add_argument("--json", action="store_true", help="one JSON object per lease")
+    ns = p.parse_args(_normalise(argv))
+
+    async def go() -> int:
+        import json
+        import time
+
+        from flannelpy.subnet.manager import SubnetManager
+
+        registry = _registry_from(ns)
+        try:
+            leases = await SubnetManager(registry, ns.etcd_prefix).list_leases()
+        finally:
+            await registry.close()
+        now = time.time()
+        rows = []
+        for lease in sorted(leases, key=lambda x: int(x.subnet.network_address)):
+            ttl = "reserved" if lease.expiration is None else f"{max(0, int(lease.expiration - now))}s"
+            rows.append({"subnet": str(lease.subnet), "public_ip": str(lease.attrs.public_ip),
+                         "backend": lease.attrs.effective_backend, "ttl": ttl})
+        if ns.json:
+            for r in rows:
+                print(json.dumps(r))
+        else:
+            print(f"{'SUBNET':<20} {'PUBLIC IP':<16} {'BACKEND':<8} TTL")
+            for r in rows:
+                print(f"{r['subnet']:<20} {r['public_ip']:<16} {r['backend']:<8} {r['ttl']}")
+        return 0
+
+    return asyncio.run(go())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "config":
+        return config_main(args[1:])
+    if args and args[0] == "leases":
+        return leases_main(args[1:])
+    if args and args[0] == "mk-docker-opts":
+        from flannelpy.host.docker_opts import main as docker_opts_main
+
+        return docker_opts_main(args[1:])
+    if args and args[0] == "demo":
+        from flannelpy.lab.demo import main as demo_main
+
+        return demo_main(args[1:])
+    ns = parse_daemon_args(args)
+    if ns.version:
+        print(__version__)
+        return 0
+    from flannelpy.daemon import run_daemon
+
+    return run_daemon(ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

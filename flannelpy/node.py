@@ -1,0 +1,219 @@
+"""One flannel node: config -> lease -> backend -> routes -> subnet file, and the loops that keep them.
+
+`Node` is the library API (``import flannelpy; node = flannelpy.Node(...)``) and the daemon is a thin
+wrapper that adds flags, signals and exit codes around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from flannelpy.backend.base import Backend, ExternalInterface, create_backend
+from flannelpy.config import NetworkConfig
+from flannelpy.routes import RouteTable
+from flannelpy.subnet.lease import Lease
+from flannelpy.subnet.manager import SubnetManager
+from flannelpy.subnet.registry import Registry
+
+log = structlog.get_logger()
+
+
+@dataclass
+class NodeOptions:
+    prefix: str = "/coreos.com/network"
+    subnet_file: Path | None = Path("/run/flannel/subnet.env")
+    ip_masq: bool = False
+    iptables_forward_rules: bool = True
+    iptables_resync: float = 5.0
+    renew_margin_minutes: int = 60
+    lease_ttl: int = 86400  # 24 h as flanneld; shorter only in tests (documented in docs/operations.md)
+
+
+@dataclass
+class LeaseEvent:
+    """One batch from the lease watch, as applied to the route table."""
+
+    added: list[Lease]
+    removed: list[Lease]
+    at: float = field(default_factory=time.time)
+
+
+class Node:
+    """Runs one host's share of the overlay. Start it, read its state, stop it.
+
+    >>> node = Node(registry, iface)            # doctest: +SKIP
+    >>> await node.start()                      # lease held, backend up, subnet file written
+    >>> node.lease.subnet, len(node.routes)
+    >>> await node.stop()                       # lease stays, so a restart gets the same subnet
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        iface: ExternalInterface,
+        options: NodeOptions | None = None,
+        *,
+        backend_factory: Callable[[NetworkConfig, ExternalInterface], Backend] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.iface = iface
+        self.options = options or NodeOptions()
+        self.manager = SubnetManager(
+            registry,
+            self.options.prefix,
+            lease_ttl=self.options.lease_ttl,
+            renew_margin=self.options.renew_margin_minutes * 60.0,
+        )
+        self._backend_factory = backend_factory or create_backend
+        self.config: NetworkConfig | None = None
+        self.backend: Backend | None = None
+        self.lease: Lease | None = None
+        self.routes = RouteTable()
+        self.subnet_file_written = False
+        self.last_event_at: float | None = None
+        self._iptables: Any = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._subscribers: list[asyncio.Queue[LeaseEvent]] = []
+        self._first_snapshot = asyncio.Event()
+        self._done: asyncio.Future[None] | None = None
+
+    # ---- state for health checks, metrics and embedding programs ----
+
+    @property
+    def ready(self) -> bool:
+        return self.lease is not None and self.backend is not None and self.subnet_file_written
+
+    def counters(self) -> dict[str, int]:
+        return self.backend.counters() if self.backend is not None else {}
+
+    async def events(self) -> AsyncIterator[LeaseEvent]:
+        """Lease batches as they are applied (starting with the next one)."""
+        q: asyncio.Queue[LeaseEvent] = asyncio.Queue()
+        self._subscribers.append(q)
+        try:
+            while True:
+                yield await q.get()
+        finally:
+            self._subscribers.remove(q)
+
+    # ---- life cycle ----
+
+    async def start(self) -> None:
+        """Acquire the lease and bring the backend up; returns when the node is ready."""
+        self._done = asyncio.get_running_loop().create_future()
+        self.config = await self.manager.get_network_config()
+        log.info("Network config", network=str(self.config.network), subnet_len=self.config.subnet_len,
+                 backend=self.config.backend.type)
+        for key in self.config.unknown_keys:
+            log.warning("Unknown key in network config, ignored", key=key)
+        self.backend = self._backend_factory(self.config, self.iface)
+        attrs = await self.backend.lease_attrs()
+        prev = self._previous_subnet()
+        self.lease = await self.manager.acquire_lease(self.config, attrs, prev)
+        log.info("Acquired lease", subnet=str(self.lease.subnet), public_ip=str(attrs.public_ip))
+        await self.backend.start(self.lease)
+        log.info("Backend ready", backend=self.config.backend.type, mtu=self.backend.mtu)
+        if self.options.ip_masq or self._wants_forward_rules():
+            await self._start_iptables()
+        self._spawn(self._watch(), "watch")
+        self._spawn(self.manager.keep_lease(self.lease), "renew")
+        self._spawn(self.backend.run(), "backend")
+        # Routes to the peers that exist now are in place before containers are told to start.
+        waiter = asyncio.ensure_future(self._first_snapshot.wait())
+        await asyncio.wait([waiter, self._done], return_when=asyncio.FIRST_COMPLETED)
+        if self._done.done():
+            waiter.cancel()
+            self._done.result()
+        self._write_subnet_file()
+
+    async def wait(self) -> None:
+        """Until a background loop fails (its exception is raised here) or stop() is called."""
+        assert self._done is not None, "start() first"
+        await self._done
+
+    async def stop(self) -> None:
+        """Stop loops and the backend; the lease stays in etcd so a restart gets the same subnet."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self._iptables is not None:
+            with contextlib.suppress(Exception):
+                await self._iptables.remove()
+        if self.backend is not None:
+            await self.backend.stop()
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    # ---- internals ----
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or self._done is None or self._done.done():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._done.set_exception(exc)
+        elif task.get_name() in ("watch", "renew"):
+            self._done.set_exception(RuntimeError(f"{task.get_name()} loop ended unexpectedly"))
+
+    async def _watch(self) -> None:
+        assert self.config is not None and self.lease is not None and self.backend is not None
+        async for added, removed in self.manager.watch_leases(self.config, self.lease):
+            self.routes.apply(added, removed)
+            await self.backend.apply(added, removed)
+            self.last_event_at = time.time()
+            event = LeaseEvent(added, removed)
+            for q in self._subscribers:
+                q.put_nowait(event)
+            if added or removed:
+                log.info("Lease changes applied", added=[str(x.subnet) for x in added],
+                         removed=[str(x.subnet) for x in removed], routes=len(self.routes))
+            self._first_snapshot.set()
+
+    def _previous_subnet(self) -> Any:
+        if self.options.subnet_file is None:
+            return None
+        from flannelpy.host.subnet_file import previous_subnet
+
+        return previous_subnet(self.options.subnet_file)
+
+    def _write_subnet_file(self) -> None:
+        assert self.config is not None and self.lease is not None and self.backend is not None
+        if self.options.subnet_file is not None:
+            from flannelpy.host.subnet_file import write_subnet_file
+
+            write_subnet_file(self.options.subnet_file, self.config, self.lease, self.backend.mtu,
+                              self.options.ip_masq)
+        self.subnet_file_written = True
+
+    def _wants_forward_rules(self) -> bool:
+        # flanneld installs FLANNEL-FWD whenever --iptables-forward-rules is on (the default), with or
+        # without --ip-masq, so Docker's FORWARD DROP policy does not eat overlay traffic.
+        return self.options.iptables_forward_rules
+
+    async def _start_iptables(self) -> None:
+        from flannelpy.host.iptables import IptablesManager
+
+        assert self.config is not None and self.lease is not None
+        self._iptables = IptablesManager(
+            self.config, self.lease, masq=self.options.ip_masq,
+            forward=self.options.iptables_forward_rules, resync=self.options.iptables_resync,
+        )
+        await self._iptables.install()
+        self._spawn(self._iptables.run(), "iptables")

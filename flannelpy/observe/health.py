@@ -1,0 +1,103 @@
+"""/healthz, /readyz and /metrics on --healthz-ip:--healthz-port (a tiny asyncio HTTP server).
+
+flanneld's /healthz answers 200 whatever happens; here /healthz fails when the event loop is stuck and
+/readyz fails until the lease is held, the backend is up, the subnet file is written and etcd answered
+recently, so an orchestrator can act on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import structlog
+
+from flannelpy.observe.metrics import render_metrics
+
+log = structlog.get_logger()
+
+ETCD_STALE_AFTER = 60.0  # seconds without a successful etcd call before /readyz fails
+LOOP_STALE_AFTER = 5.0  # a heartbeat older than this means the event loop is blocked
+
+
+class HealthServer:
+    def __init__(self, node: Any, registry: Any, host: str, port: int) -> None:
+        self.node = node
+        self.registry = registry
+        self.host = host
+        self.port = port
+        self._server: asyncio.AbstractServer | None = None
+        self._beat = time.monotonic()
+        self._ticker: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        sock = self._server.sockets[0]
+        self.port = sock.getsockname()[1]
+        self._ticker = asyncio.ensure_future(self._tick())
+        log.info("Health server listening", address=f"{self.host}:{self.port}")
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+
+    async def _tick(self) -> None:
+        while True:
+            self._beat = time.monotonic()
+            await asyncio.sleep(1.0)
+
+    def readiness(self) -> list[str]:
+        """What keeps the node from being ready; empty when ready."""
+        problems = []
+        if self.node.lease is None:
+            problems.append("no lease")
+        if self.node.backend is None or self.node.lease is None:
+            problems.append("backend not up")
+        if not self.node.subnet_file_written:
+            problems.append("subnet file not written")
+        last = getattr(self.registry, "last_success", None)
+        if last is None or time.time() - last > ETCD_STALE_AFTER:
+            problems.append("etcd not reached recently")
+        return problems
+
+    def liveness(self) -> list[str]:
+        lag = time.monotonic() - self._beat
+        return [f"event loop stalled for {lag:.1f}s"] if lag > LOOP_STALE_AFTER else []
+
+    def respond(self, path: str) -> tuple[int, str, str]:
+        if path == "/healthz":
+            bad = self.liveness()
+            return (503, "\n".join(bad) + "\n", "text/plain") if bad else (200, "flanneld is running\n", "text/plain")
+        if path == "/readyz":
+            bad = self.readiness()
+            return (503, "\n".join(bad) + "\n", "text/plain") if bad else (200, "ready\n", "text/plain")
+        if path == "/metrics":
+            body, ctype = render_metrics(self.node, self.registry)
+            return 200, body, ctype
+        return 404, "not found\n", "text/plain"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5.0)
+            while (await asyncio.wait_for(reader.readline(), 5.0)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = line.decode("latin-1").split()
+            path = parts[1].split("?", 1)[0] if len(parts) >= 2 else "/"
+            status, body, ctype = self.respond(path)
+            data = body.encode()
+            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+            writer.write(
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(data)}\r\n"
+                f"Connection: close\r\n\r\n".encode() + data
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError, UnicodeDecodeError):
+            pass
+        finally:
+            writer.close()

@@ -1,0 +1,59 @@
+"""Prometheus metrics, prefixed flannel_, collected from the node at scrape time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from flannelpy import __version__
+
+
+class NodeCollector:
+    def __init__(self, node: Any, registry: Any) -> None:
+        self.node = node
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        node = self.node
+        counters: dict[str, int] = node.counters()
+        packets = CounterMetricFamily("flannel_packets", "Packets moved by the data path", labels=["direction"])
+        nbytes = CounterMetricFamily("flannel_bytes", "Bytes moved by the data path", labels=["direction"])
+        drops = CounterMetricFamily("flannel_drops", "Packets dropped by the data path", labels=["reason"])
+        for key, value in sorted(counters.items()):
+            if key.startswith("drop_"):
+                drops.add_metric([key[5:]], value)
+            elif key.endswith("_packets"):
+                packets.add_metric([key[: -len("_packets")]], value)
+            elif key.endswith("_bytes"):
+                nbytes.add_metric([key[: -len("_bytes")]], value)
+        yield packets
+        yield nbytes
+        yield drops
+        yield GaugeMetricFamily("flannel_routes", "Remote leases routed", value=len(node.routes))
+        ttl = GaugeMetricFamily("flannel_lease_ttl_seconds", "Seconds until our lease expires (-1: reservation)")
+        if node.lease is not None:
+            exp = node.lease.expiration
+            ttl.add_metric([], -1 if exp is None else max(0.0, exp - time.time()))
+        yield ttl
+        yield CounterMetricFamily("flannel_etcd_reconnects", "Reconnections to etcd",
+                                  value=getattr(self.registry, "reconnects", 0))
+        lag = GaugeMetricFamily("flannel_watch_lag_seconds", "Seconds since the last lease batch was applied")
+        if node.last_event_at is not None:
+            lag.add_metric([], time.time() - node.last_event_at)
+        yield lag
+        info = InfoMetricFamily("flannel_backend", "Backend in use")
+        if node.config is not None:
+            info.add_metric([], {"type": node.config.backend.type, "version": __version__,
+                                 "subnet": str(node.lease.subnet) if node.lease else ""})
+        yield info
+
+
+def render_metrics(node: Any, registry: Any) -> tuple[str, str]:
+    reg = CollectorRegistry()
+    reg.register(NodeCollector(node, registry))  # type: ignore[arg-type]
+    return generate_latest(reg).decode(), CONTENT_TYPE_LATEST
