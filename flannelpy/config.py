@@ -20,7 +20,7 @@ DEFAULT_VXLAN_VNI = 1
 # The keys each backend understands (lower case); anything else is kept but reported.
 _BACKEND_KEYS: dict[str, tuple[str, ...]] = {
     "udp": ("type", "port", "mtu"),
-    "vxlan": ("type", "vni", "port", "gbp", "learning", "directrouting", "mtu", "macprefix"),
+    "vxlan": ("type", "vni", "port", "gbp", "learning", "directrouting", "mtu"),
     "host-gw": ("type", "mtu"),
     "alloc": ("type", "mtu"),
 }
@@ -62,7 +62,7 @@ class BackendConfig:
     def to_json_obj(self) -> dict[str, Any]:
         out: dict[str, Any] = {"Type": self.type}
         names = {"port": "Port", "vni": "VNI", "mtu": "MTU", "gbp": "GBP", "learning": "Learning",
-                 "directrouting": "DirectRouting", "macprefix": "MacPrefix"}
+                 "directrouting": "DirectRouting"}
         for k, v in self.options.items():
             if k != "type":
                 out[names.get(k, k)] = v
@@ -333,9 +333,10 @@ def parse_config(data: str | bytes) -> NetworkConfig:
     min6 = max6 = None
     if enable6:
         net6, slen6, min6, max6 = _ipv6_part(raw)
-    unknown = tuple(sorted(k for k in obj if k.lower() not in _KNOWN_KEYS))
+    unknown = [k for k in obj if k.lower() not in _KNOWN_KEYS]
+    unknown += [f"Backend.{k}" for k in backend.options if k not in _BACKEND_KEYS[backend.type]]
     return NetworkConfig(
         network=net4, subnet_len=slen4, subnet_min=min4, subnet_max=max4,
         enable_ipv4=enable4, enable_ipv6=enable6, ipv6_network=net6, ipv6_subnet_len=slen6,
-        ipv6_subnet_min=min6, ipv6_subnet_max=max6, backend=backend, unknown_keys=unknown,
+        ipv6_subnet_min=min6, ipv6_subnet_max=max6, backend=backend, unknown_keys=tuple(sorted(unknown)),
     )
