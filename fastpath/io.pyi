@@ -1,0 +1,18 @@
+"""Type stubs for fastpath.io (compiled): the udp backend's batched I/O loops."""
+
+from fastpath.core import PacketCore
+
+DEFAULT_BATCH: int
+MAX_BATCH: int
+
+class Datapath:
+    core: PacketCore
+    tun_fd: int
+    udp_fd: int
+    port: int
+    batch: int
+    bufsize: int
+    def __init__(self, core: PacketCore, tun_fd: int, udp_fd: int, port: int, batch: int = 64) -> None: ...
+    def stop(self) -> None: ...
+    def run_encap(self) -> None: ...
+    def run_decap(self) -> None: ...

@@ -1,0 +1,177 @@
+"""flanneld's udp backend: flannel0 (TUN) <-> UDP :8285, with the packet path in fastpath/.
+
+The control plane (this module, on the event loop) and the data path (two threads running the
+compiled loops without the GIL) meet in one place: the RouteTable. apply() writes single slots in
+it while the loops run; nothing is stopped or restarted for a route change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Callable
+from ipaddress import IPv4Network
+from typing import Any
+
+import structlog
+
+from flannelpy.backend.base import Backend, ExternalInterface
+from flannelpy.backend.udp.datapath import DEFAULT_BATCH, Datapath, choose_datapath, core_module, make_datapath
+from flannelpy.backend.udp.device import TunDevice
+from flannelpy.config import NetworkConfig
+from flannelpy.errors import ConfigError, FlannelError
+from flannelpy.subnet.lease import Lease, LeaseAttrs
+
+log = structlog.get_logger()
+
+UDP_OVERHEAD = 28  # outer IPv4 (20) + UDP (8) headers
+SOCKET_BUFFER = 4 * 1024 * 1024
+STOP_TIMEOUT = 5.0
+
+
+class DatapathError(FlannelError):
+    """A data-path loop stopped on its own (TUN or socket failure)."""
+
+
+class UdpBackend(Backend):
+    type = "udp"
+
+    def __init__(self, config: NetworkConfig, iface: ExternalInterface, *, datapath: str | None = None,
+                 tun_name: str = "flannel0", batch: int = DEFAULT_BATCH) -> None:
+        super().__init__(config, iface)
+        if config.network is None:
+            raise ConfigError("the udp backend needs an IPv4 Network in the config (EnableIPv4 with Network)")
+        self.network: IPv4Network = config.network
+        self.datapath_kind = choose_datapath(datapath)
+        self.tun_name = tun_name
+        self.batch = batch
+        self.port = config.backend.port
+        mod = core_module(self.datapath_kind)
+        self.table = mod.RouteTable(int(self.network.network_address), self.network.prefixlen,
+                                    config.subnet_len)
+        self.core = mod.PacketCore(self.table, self.mtu)
+        self.tun: TunDevice | None = None
+        self.sock: socket.socket | None = None
+        self.datapath: Datapath | None = None
+        self._threads: list[threading.Thread] = []
+        self._failure: BaseException | None = None
+        self._failed = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ignored: set[tuple[str, str]] = set()  # (lease key, reason) already logged
+
+    @property
+    def mtu(self) -> int:
+        return self.config.backend.mtu or self.iface.mtu - UDP_OVERHEAD
+
+    async def lease_attrs(self) -> LeaseAttrs:
+        # flanneld's udp lease carries no BackendType: {"PublicIP":"…","PublicIPv6":null}.
+        return LeaseAttrs(public_ip=self.iface.public_ip, backend_type=None)
+
+    async def start(self, lease: Lease) -> None:
+        self.lease = lease
+        self._loop = asyncio.get_running_loop()
+        address = lease.subnet.network_address  # flanneld gives flannel0 `<subnet>.0/32`
+        self.tun = await asyncio.to_thread(TunDevice.create, self.tun_name, address, self.mtu, self.network)
+        try:
+            self.sock = self._bind()
+            self.datapath = make_datapath(self.datapath_kind, self.core, self.tun.fd, self.sock.fileno(),
+                                          self.port, self.batch)
+            for name, target in (("encap", self.datapath.run_encap), ("decap", self.datapath.run_decap)):
+                t = threading.Thread(target=self._run_loop, args=(name, target), name=f"flannelpy-{name}",
+                                     daemon=True)
+                t.start()
+                self._threads.append(t)
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("udp backend started", device=self.tun.name, subnet=str(lease.subnet), mtu=self.mtu,
+                 listen=f"{self.iface.ip}:{self.port}", datapath=self.datapath_kind, batch=self.batch)
+
+    def _bind(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+            sock.bind((str(self.iface.ip), self.port))
+        except OSError as e:
+            sock.close()
+            raise FlannelError(
+                f"cannot bind UDP {self.iface.ip}:{self.port}: {e.strerror}; is another flanneld running, "
+                "or is Backend.Port taken?"
+            ) from None
+        return sock
+
+    def _run_loop(self, name: str, target: Callable[[], None]) -> None:
+        try:
+            target()
+        except BaseException as e:  # reported to run() on the event loop
+            log.error("data path loop stopped", loop=name, error=str(e))
+            self._failure = e
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._failed.set)
+
+    async def apply(self, added: list[Lease], removed: list[Lease]) -> None:
+        for lease in removed:
+            subnet = int(lease.subnet.network_address)
+            # Only if the slot still points at this lease's host: a newer lease may hold the subnet.
+            if self._usable(lease, quiet=True) and self.table.lookup(subnet) == int(lease.attrs.public_ip):
+                self.table.remove(subnet)
+                log.info("route removed", subnet=str(lease.subnet), public_ip=str(lease.attrs.public_ip))
+        for lease in added:
+            if not self._usable(lease):
+                # A subnet whose lease changed to another backend no longer goes through us.
+                if lease.subnet.prefixlen == self.config.subnet_len and lease.subnet.subnet_of(self.network):
+                    self.table.remove(int(lease.subnet.network_address))
+                continue
+            peer = int(lease.attrs.public_ip)
+            if self.table.lookup(int(lease.subnet.network_address)) != peer:
+                self.table.set(int(lease.subnet.network_address), peer)
+                log.info("route added", subnet=str(lease.subnet), public_ip=str(lease.attrs.public_ip))
+
+    def _usable(self, lease: Lease, quiet: bool = False) -> bool:
+        reason = ""
+        if lease.attrs.effective_backend != self.type:
+            reason = f"backend {lease.attrs.effective_backend}"
+        elif lease.subnet.prefixlen != self.config.subnet_len or not lease.subnet.subnet_of(self.network):
+            reason = f"subnet outside {self.network} or not /{self.config.subnet_len}"
+        elif self.lease is not None and lease.subnet == self.lease.subnet:
+            reason = "our own subnet"
+        elif int(lease.attrs.public_ip) in (0, 0xFFFFFFFF):
+            reason = "PublicIP is not unicast"
+        if not reason:
+            return True
+        if not quiet and (lease.key, reason) not in self._ignored:
+            self._ignored.add((lease.key, reason))
+            log.warning("lease ignored by the udp backend", subnet=str(lease.subnet),
+                        public_ip=str(lease.attrs.public_ip), reason=reason)
+        return False
+
+    async def run(self) -> None:
+        """Waits until a data-path loop fails, then raises DatapathError (the daemon exits)."""
+        await self._failed.wait()
+        raise DatapathError(f"udp data path stopped: {self._failure}")
+
+    async def stop(self) -> None:
+        if self.datapath is not None:
+            self.datapath.stop()
+        threads, self._threads = self._threads, []
+        for t in threads:
+            await asyncio.to_thread(t.join, STOP_TIMEOUT)
+            if t.is_alive():
+                log.error("data path loop did not stop", loop=t.name)
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        close: Any = getattr(self.datapath, "close", None)
+        if close is not None:
+            close()
+        self.datapath = None
+        if self.tun is not None:
+            await asyncio.to_thread(self.tun.close)
+            log.info("TUN device removed", device=self.tun.name)
+            self.tun = None
+
+    def counters(self) -> dict[str, int]:
+        counts: dict[str, int] = self.core.counters()
+        return counts

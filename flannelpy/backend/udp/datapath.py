@@ -1,0 +1,152 @@
+"""The udp backend's data path: the compiled loops (fastpath.io) or a pure-Python reference.
+
+Both expose the same object: run_encap() and run_decap() (each blocks in its own thread until stop()),
+stop(), and the PacketCore whose counters the backend reports. The Python one is slow on purpose:
+it is the reference the benchmark harness compares against, and it works without a C compiler.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+from typing import Any, Protocol
+
+from flannelpy import packet
+
+DATAPATHS = ("compiled", "python")
+DEFAULT_BATCH = 64
+
+
+class Datapath(Protocol):
+    batch: int
+
+    def run_encap(self) -> None: ...
+    def run_decap(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+def choose_datapath(kind: str | None) -> str:
+    """The datapath kind: the argument, else FLANNELPY_DATAPATH, else compiled."""
+    value = (kind or os.environ.get("FLANNELPY_DATAPATH") or "compiled").strip().lower()
+    if value not in DATAPATHS:
+        raise ValueError(f"datapath {value!r} unknown: use one of {', '.join(DATAPATHS)} (FLANNELPY_DATAPATH)")
+    return value
+
+
+def core_module(kind: str) -> Any:
+    """fastpath.core for the compiled data path, flannelpy.packet for the Python one."""
+    if kind == "python":
+        return packet
+    try:
+        from fastpath import core
+    except ImportError as e:
+        raise ImportError(
+            f"the compiled data path is not built ({e}); run `python setup.py build_ext --inplace` "
+            "or set FLANNELPY_DATAPATH=python"
+        ) from None
+    return core
+
+
+def make_datapath(kind: str, core: Any, tun_fd: int, udp_fd: int, port: int,
+                  batch: int = DEFAULT_BATCH) -> Datapath:
+    if kind == "python":
+        return PythonDatapath(core, tun_fd, udp_fd, port, batch)
+    from fastpath import io
+
+    dp: Datapath = io.Datapath(core, tun_fd, udp_fd, port, batch)
+    return dp
+
+
+class PythonDatapath:
+    """The reference loops: same structure as fastpath/io.pyx, one system call per packet."""
+
+    def __init__(self, core: packet.PacketCore, tun_fd: int, udp_fd: int, port: int,
+                 batch: int = DEFAULT_BATCH) -> None:
+        if not 1 <= batch <= 1024:
+            raise ValueError(f"batch={batch} out of range 1..1024")
+        self.core = core
+        self.tun_fd = tun_fd
+        self.sock = socket.socket(fileno=os.dup(udp_fd))
+        self.port = port
+        self.batch = batch
+        self.bufsize = ((core.mtu + 1 + 63) // 64) * 64
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    def stop(self) -> None:
+        try:
+            os.write(self._stop_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+        for fd in (self._stop_r, self._stop_w):
+            os.close(fd)
+
+    def _wait(self, fd: int) -> bool:
+        """True when fd is readable, False when stop was requested."""
+        poller = select.poll()
+        poller.register(self._stop_r, select.POLLIN)
+        poller.register(fd, select.POLLIN)
+        while True:
+            events = dict(poller.poll())
+            if self._stop_r in events:
+                return False
+            if events.get(fd, 0) & select.POLLNVAL:
+                raise OSError(errno.EBADF, "fd closed under the data path")
+            if fd in events:
+                return True
+
+    def run_encap(self) -> None:
+        core, tun, sock, port = self.core, self.tun_fd, self.sock, self.port
+        buf = bytearray(self.bufsize)
+        reply = bytearray(packet.ICMP_REPLY_MAX)
+        while self._wait(tun):
+            for _ in range(self.batch):
+                try:
+                    data = os.read(tun, self.bufsize)
+                except BlockingIOError:
+                    break
+                if not data:
+                    raise OSError(errno.EPIPE, "encap loop stopped: end of file on the TUN")
+                n = len(data)
+                buf[:n] = data
+                view = memoryview(buf)[:n]
+                verdict, value = core.encap(view, reply)
+                if verdict == packet.FORWARD:
+                    try:
+                        sock.sendto(view, (str_ip(value), port))
+                    except OSError:
+                        core.count(packet.ENCAP_DROP_SEND_ERROR)
+                elif verdict == packet.ICMP:
+                    try:
+                        os.write(tun, reply[:value])
+                    except OSError:
+                        core.count(packet.ICMP_WRITE_ERROR)
+
+    def run_decap(self) -> None:
+        core, tun, sock = self.core, self.tun_fd, self.sock
+        buf = bytearray(self.bufsize)
+        flags = socket.MSG_DONTWAIT | socket.MSG_TRUNC
+        while self._wait(sock.fileno()):
+            for _ in range(self.batch):
+                try:
+                    n, addr = sock.recvfrom_into(buf, self.bufsize, flags)
+                except (BlockingIOError, InterruptedError):
+                    break
+                verdict, value = core.decap(buf, _int_ip(addr[0]), n)
+                if verdict == packet.DELIVER:
+                    try:
+                        os.write(tun, memoryview(buf)[:value])
+                    except OSError:
+                        core.count(packet.DECAP_DROP_WRITE_ERROR)
+
+
+def str_ip(value: int) -> str:
+    return socket.inet_ntoa(value.to_bytes(4, "big"))
+
+
+def _int_ip(text: str) -> int:
+    return int.from_bytes(socket.inet_aton(text), "big")

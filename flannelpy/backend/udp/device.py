@@ -1,0 +1,116 @@
+"""The udp backend's TUN device (flannel0): opened with TUNSETIFF, configured through pyroute2.
+
+As flanneld: IFF_TUN | IFF_NO_PI, address `<subnet>.0/32`, the backend MTU, up, and one route for the
+whole Network through the device. The device is not persistent: closing the fd removes it, together
+with its address and route.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+from ipaddress import IPv4Address, IPv4Network
+
+import structlog
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from flannelpy.errors import FlannelError
+
+log = structlog.get_logger()
+
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFNAMSIZ = 16
+
+
+class TunError(FlannelError):
+    """The TUN device could not be created or configured."""
+
+
+def open_tun(name: str) -> tuple[int, str]:
+    """Open a TUN device (non-blocking fd) named `name`; returns (fd, the kernel's name)."""
+    if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or " " in name:
+        raise TunError(f"TUN device name {name!r} is invalid: 1..15 characters, no '/' or spaces")
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise TunError("/dev/net/tun is missing: load the tun module (modprobe tun)") from None
+    except PermissionError:
+        raise TunError("cannot open /dev/net/tun: run as root or with CAP_NET_ADMIN") from None
+    try:
+        ifr = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI)
+        out = fcntl.ioctl(fd, TUNSETIFF, ifr)
+    except OSError as e:
+        os.close(fd)
+        if e.errno == errno.EBUSY:
+            raise TunError(
+                f"TUN device {name} is in use: is another flanneld/flannelpy running on this host?"
+            ) from None
+        if e.errno == errno.EPERM:
+            raise TunError(f"cannot create TUN device {name}: run as root or with CAP_NET_ADMIN") from None
+        if e.errno == errno.EINVAL:
+            raise TunError(
+                f"cannot create TUN device {name}: a device of another kind has that name; remove it "
+                f"(ip link del {name}) or choose another name"
+            ) from None
+        raise TunError(f"cannot create TUN device {name}: {e.strerror}") from None
+    kernel_name = out[:IFNAMSIZ].rstrip(b"\0").decode()
+    return fd, kernel_name
+
+
+class TunDevice:
+    """flannel0: the fd the data path reads and writes, and its netlink configuration."""
+
+    def __init__(self, fd: int, name: str, index: int) -> None:
+        self.fd = fd
+        self.name = name
+        self.index = index
+
+    @classmethod
+    def create(cls, name: str, address: IPv4Address, mtu: int, network: IPv4Network) -> TunDevice:
+        fd, kname = open_tun(name)
+        try:
+            with IPRoute() as ipr:
+                found = ipr.link_lookup(ifname=kname)
+                if not found:
+                    raise TunError(f"TUN device {kname} vanished right after it was created")
+                index = found[0]
+                ipr.link("set", index=index, mtu=mtu)
+                # A device left over by a crash (persistent TUN) may still hold an old address.
+                for msg in ipr.get_addr(index=index, family=2):
+                    old = msg.get_attr("IFA_ADDRESS")
+                    if old != str(address):
+                        ipr.addr("del", index=index, address=old, prefixlen=msg["prefixlen"])
+                try:
+                    ipr.addr("add", index=index, address=str(address), prefixlen=32)
+                except NetlinkError as e:
+                    if e.code != errno.EEXIST:
+                        raise
+                ipr.link("set", index=index, state="up")
+                ipr.route("replace", dst=str(network.network_address), dst_len=network.prefixlen, oif=index)
+        except NetlinkError as e:
+            os.close(fd)
+            raise TunError(f"cannot configure TUN device {kname}: {os.strerror(e.code)} (netlink)") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        log.info("TUN device ready", device=kname, address=f"{address}/32", mtu=mtu, route=str(network))
+        return cls(fd, kname, index)
+
+    def close(self) -> None:
+        """Close the fd; the kernel removes the (non-persistent) device, its address and route."""
+        if self.fd < 0:
+            return
+        os.close(self.fd)
+        self.fd = -1
+        try:
+            with IPRoute() as ipr:
+                if ipr.link_lookup(ifname=self.name):
+                    ipr.link("del", ifname=self.name)  # a persistent device left by someone else
+        except NetlinkError as e:
+            if e.code not in (errno.ENODEV, errno.ENOENT):
+                log.warning("TUN device removal failed", device=self.name, error=os.strerror(e.code))
