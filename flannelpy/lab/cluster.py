@@ -11,6 +11,7 @@ start-up fails half-way. Used by tests/e2e, `flannelpy demo` and the benchmarks.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
@@ -368,6 +370,15 @@ class Cluster:
         proc = self.run(src, probe_argv("ping", str(address), "--count", str(count),
                                         "--interval", str(interval), "--wait", str(wait)))
         return _ping_result(src.name, proc.stdout, proc.stderr)
+
+    def ping_across_hosts(self, count: int = 3) -> dict[tuple[str, str], PingResult]:
+        """From the first container of each host to the last container of every other host, in parallel;
+        keyed by (source host, destination host)."""
+        hosts = list(self.topology.hosts.values())
+        pairs = list(itertools.permutations(hosts, 2))
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            results = pool.map(lambda ab: self.ping(ab[0].containers[0], ab[1].containers[-1], count=count), pairs)
+            return {(a.name, b.name): r for (a, b), r in zip(pairs, results, strict=True)}
 
     def ping_background(self, src: Container, dst: Container | IPv4Address,
                         interval: float = 0.05) -> BackgroundPing:

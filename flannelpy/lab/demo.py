@@ -8,13 +8,11 @@ other host, measures one iperf3 figure, prints a summary and removes everything 
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import os
 import shutil
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 from rich.console import Console
@@ -51,15 +49,6 @@ def check_machine() -> str | None:
     if missing:
         return f"missing {', '.join(missing)}: run ./scripts/setup.sh (installs etcd, iproute2, iperf3)"
     return None
-
-
-def ping_matrix(cluster: Cluster) -> dict[tuple[str, str], PingResult]:
-    """From the first container of each host to the last container of every other host, in parallel."""
-    hosts = list(cluster.topology.hosts.values())
-    pairs = [(a, b) for a, b in itertools.permutations(hosts, 2)]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        results = pool.map(lambda ab: cluster.ping(ab[0].containers[0], ab[1].containers[-1], count=3), pairs)
-        return {(a.name, b.name): r for (a, b), r in zip(pairs, results, strict=True)}
 
 
 def render(console: Console, cluster: Cluster, pings: dict[tuple[str, str], PingResult],
@@ -112,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with console.status("starting the cluster..."):
             cluster.start()
         with console.status("ping across every pair of hosts..."):
-            pings = ping_matrix(cluster)
+            pings = cluster.ping_across_hosts()
         failed = any(r.lost for r in pings.values())
         with console.status(f"iperf3 for {args.iperf_seconds:g} s..."):
             hosts = list(cluster.topology.hosts.values())

@@ -66,7 +66,7 @@ def netns_pids(netns: str) -> list[int]:
 
 def kill_netns_processes(netns: str, grace: float = 2.0) -> None:
     """SIGTERM every process in `netns`, SIGKILL what is left after `grace` seconds."""
-    pids = netns_pids(netns)
+    pids = [p for p in netns_pids(netns) if p != os.getpid()]  # a caller that entered the namespace
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
@@ -74,7 +74,7 @@ def kill_netns_processes(netns: str, grace: float = 2.0) -> None:
         deadline = time.monotonic() + grace
         while pids and time.monotonic() < deadline:
             time.sleep(0.05)
-            pids = netns_pids(netns)
+            pids = [p for p in netns_pids(netns) if p != os.getpid()]
         if not pids:
             return
 
@@ -123,7 +123,7 @@ class Host:
 
 _live: set[Topology] = set()
 _live_lock = threading.Lock()
-_handlers_installed = False
+_handlers_pid: int | None = None  # the process that installed the handlers
 
 
 def _teardown_live() -> None:
@@ -134,15 +134,20 @@ def _teardown_live() -> None:
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
+    if os.getpid() != _handlers_pid:
+        # A forked child (pyroute2's netns helpers fork) dies as it would have without us.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     # Unwind like Ctrl-C does, so context managers and finally blocks run; atexit catches the rest.
     raise SystemExit(128 + signum)
 
 
 def _install_handlers() -> None:
-    global _handlers_installed
-    if _handlers_installed:
+    global _handlers_pid
+    if _handlers_pid is not None:
         return
-    _handlers_installed = True
+    _handlers_pid = os.getpid()
     atexit.register(_teardown_live)
     if threading.current_thread() is not threading.main_thread():
         return
@@ -160,6 +165,7 @@ class Topology:
 
     def __init__(self, prefix: str | None = None, *, host_mtu: int = 1500) -> None:
         self.prefix = prefix or new_prefix()
+        self.owner_pid = os.getpid()  # a forked child inherits this object but must not tear it down
         self.host_mtu = host_mtu
         self.switch_netns = f"{self.prefix}-sw"
         self.hosts: dict[str, Host] = {}
@@ -184,6 +190,8 @@ class Topology:
 
     def teardown(self) -> None:
         """Kill what runs in our namespaces and delete them, newest first (containers before hosts)."""
+        if os.getpid() != self.owner_pid:
+            return
         with _live_lock:
             _live.discard(self)
         for netns in reversed(self._created):

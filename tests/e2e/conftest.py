@@ -1,0 +1,44 @@
+"""Multi-host tests: hosts in network namespaces, a 3-member etcd, one flannelpy daemon per host.
+
+Every test here needs root and the etcd binary; without them they are skipped. The cluster is built once per
+module (CI time is limited) and removed, with everything it started, when the module ends.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flannelpy.lab.cluster import Cluster
+
+HERE = Path(__file__).parent
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    missing = [t for t in ("etcd", "etcdctl", "ip") if shutil.which(t) is None]
+    if missing:
+        return f"needs {', '.join(missing)} (scripts/setup.sh installs them)"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = _skip_reason()
+    for item in items:
+        if HERE in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.root)
+            item.add_marker(pytest.mark.etcd)
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Three hosts x two containers, the seed tutorial's config (udp backend) under /flannel_use/network."""
+    with Cluster(hosts=3, containers_per_host=2, workdir=tmp_path_factory.mktemp("cluster")) as c:
+        yield c
