@@ -371,14 +371,27 @@ class Cluster:
                                         "--interval", str(interval), "--wait", str(wait)))
         return _ping_result(src.name, proc.stdout, proc.stderr)
 
+    def wait_reachable(self, src: Container, dst: Container | IPv4Address, timeout: float = 15.0) -> PingResult:
+        """Ping once at a time until a reply (a new lease reaches every daemon through its etcd watch)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = self.ping(src, dst, count=1, wait=0.5)
+            if result.received or time.monotonic() > deadline:
+                return result
+
     def ping_across_hosts(self, count: int = 3) -> dict[tuple[str, str], PingResult]:
-        """From the first container of each host to the last container of every other host, in parallel;
-        keyed by (source host, destination host)."""
+        """From the first container of each host to the last container of every other host, in parallel,
+        once each path answers; keyed by (source host, destination host)."""
         hosts = list(self.topology.hosts.values())
-        pairs = list(itertools.permutations(hosts, 2))
+        pairs = [(a.containers[0], b.containers[-1]) for a, b in itertools.permutations(hosts, 2)]
+
+        def measure(pair: tuple[Container, Container]) -> PingResult:
+            self.wait_reachable(*pair)
+            return self.ping(*pair, count=count)
+
         with ThreadPoolExecutor(max_workers=8) as pool:
-            results = pool.map(lambda ab: self.ping(ab[0].containers[0], ab[1].containers[-1], count=count), pairs)
-            return {(a.name, b.name): r for (a, b), r in zip(pairs, results, strict=True)}
+            results = list(pool.map(measure, pairs))
+        return {(a.host.name, b.host.name): r for (a, b), r in zip(pairs, results, strict=True)}
 
     def ping_background(self, src: Container, dst: Container | IPv4Address,
                         interval: float = 0.05) -> BackgroundPing:

@@ -51,6 +51,7 @@ def test_host_joins_and_leaves_while_traffic_flows(cluster: Cluster) -> None:
         newcomer = h4.containers[0]
         for name in ("h1", "h2", "h3"):
             other = cluster.host(name).containers[-1]
+            cluster.wait_reachable(newcomer, other)
             there = cluster.ping(newcomer, other, count=2)
             back = cluster.ping(other, newcomer, count=2)
             assert there.received == there.sent and back.received == back.sent, (there, back)
