@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -160,7 +159,6 @@ class Cluster:
         self.topology = Topology()
         self.etcd: EtcdCluster | None = None
         self.daemons: dict[str, subprocess.Popen[bytes]] = {}
-        self._lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
