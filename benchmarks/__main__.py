@@ -1,0 +1,96 @@
+"""`python -m benchmarks [all|datapath|controlplane|packetcore] [--quick] [--out DIR] ...`"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+VERBS = ("all", "datapath", "controlplane", "packetcore")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="flannelpy benchmarks: data path (two hosts in network namespaces, iperf3 and ping), control "
+        "plane (etcd leases to routes, start-up, concurrent acquisition) and the packet core (ns per packet).",
+    )
+    p.add_argument("verb", nargs="?", default="all", choices=VERBS, help="what to run (default: all)")
+    p.add_argument("--quick", action="store_true", help="one repetition, one second per measurement (smoke test)")
+    p.add_argument("--reps", type=int, default=None, help="repetitions per measurement (default 3; --quick: 1)")
+    p.add_argument("--duration", type=float, default=None, help="seconds per iperf3 test (default 5; --quick: 1)")
+    p.add_argument("--ping-count", type=int, default=None, help="pings at 10 ms per RTT measurement (default 400)")
+    p.add_argument("--configs", default="", help="comma-separated data-path configurations (default: all), e.g. "
+                   "raw-veth,kernel-vxlan,flannelpy-host-gw,flannelpy-vxlan,flannelpy-udp-compiled,"
+                   "flannelpy-udp-python,flanneld-udp,flanneld-vxlan")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory (default ./bench-results)")
+    return p
+
+
+def _needs_root(verb: str) -> str | None:
+    if verb in ("all", "datapath", "controlplane"):
+        if os.geteuid() != 0:
+            return f"`{verb}` builds network namespaces and needs root; run it as root (packetcore does not)"
+        missing = [tool for tool in ("ip", "iperf3", "ping", "etcd", "etcdctl", "ss") if shutil.which(tool) is None]
+        if verb != "controlplane" and missing:
+            return f"missing tools: {', '.join(missing)} (Debian: apt-get install iproute2 iperf3 iputils-ping etcd)"
+        if verb == "controlplane" and shutil.which("etcd") is None:
+            return "the etcd binary is not on PATH (Debian: apt-get install etcd-server)"
+    return None
+
+
+def _quiet_logs() -> None:
+    """The lab logs each namespace at info level; the harness shows progress instead."""
+    import logging
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+                        logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    _quiet_logs()
+    console = Console(stderr=True)
+    problem = _needs_root(args.verb)
+    if problem:
+        console.print(f"[red]error:[/red] {problem}")
+        return 2
+    out: Path = args.out
+    only = tuple(name.strip() for name in args.configs.split(",") if name.strip())
+    reps = args.reps if args.reps is not None else (1 if args.quick else 3)
+    if reps < 1:
+        console.print("[red]error:[/red] --reps must be at least 1")
+        return 2
+    try:
+        if args.verb in ("all", "packetcore"):
+            from benchmarks import packetcore
+
+            packetcore.run(packetcore.Params(quick=args.quick, reps=reps), out, console)
+        if args.verb in ("all", "controlplane"):
+            from benchmarks import controlplane
+
+            controlplane.run(controlplane.Params(quick=args.quick, reps=reps), out, console)
+        if args.verb in ("all", "datapath"):
+            from benchmarks import datapath
+
+            params = datapath.Params.quick_mode(only) if args.quick else datapath.Params(only=only)
+            params.reps = reps
+            if args.duration is not None:
+                params.duration = args.duration
+            if args.ping_count is not None:
+                params.ping_count = args.ping_count
+            datapath.run(params, out, console)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

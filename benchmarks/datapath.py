@@ -1,0 +1,217 @@
+"""Data-path benchmark: every configuration on one testbed, measured round-robin, medians and ratios.
+
+Each repetition visits every configuration in turn and runs the same five measurements on it (TCP 1 and
+4 streams, UDP 64 B and 1400 B, ping), so drift of the machine over the run hits every configuration alike.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from benchmarks import report, traffic
+from benchmarks.testbed import Config, Pair, SetupError, Testbed, default_configs
+
+MEASUREMENTS = ("tcp1", "tcp4", "udp64", "udp1400", "ping")
+REFERENCES = {"ratio_to_raw_veth": "raw-veth", "ratio_to_kernel_vxlan": "kernel-vxlan"}
+
+
+@dataclass
+class Params:
+    reps: int = 3
+    duration: float = 5.0  # seconds per iperf3 test
+    ping_count: int = 400
+    ping_interval: float = 0.01
+    quick: bool = False
+    only: tuple[str, ...] = ()  # configuration names; empty: all
+
+    @classmethod
+    def quick_mode(cls, only: tuple[str, ...] = ()) -> Params:
+        """One repetition, one second per measurement."""
+        return cls(reps=1, duration=1.0, ping_count=100, quick=True, only=only)
+
+
+def select_configs(only: tuple[str, ...]) -> list[Config]:
+    configs = default_configs()
+    if not only:
+        return configs
+    known = {c.name for c in configs}
+    unknown = [name for name in only if name not in known]
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {', '.join(unknown)}; choose from: {', '.join(sorted(known))}")
+    return [c for c in configs if c.name in only]
+
+
+def measure(pair: Pair, what: str, params: Params) -> dict[str, float]:
+    if what == "tcp1":
+        return traffic.tcp(pair, 1, params.duration)
+    if what == "tcp4":
+        return traffic.tcp(pair, 4, params.duration)
+    if what == "udp64":
+        return traffic.udp(pair, 64, params.duration)
+    if what == "udp1400":
+        return traffic.udp(pair, 1400, params.duration)
+    if what == "ping":
+        return traffic.ping(pair, params.ping_count, params.ping_interval)
+    raise ValueError(what)
+
+
+def _samples(runs: list[dict[str, Any]], what: str, field: str) -> tuple[list[float], list[str]]:
+    values, errors = [], []
+    for run in runs:
+        result = run.get(what)
+        if result is None:
+            continue
+        if "error" in result:
+            errors.append(result["error"])
+        else:
+            values.append(float(result[field]))
+    return values, errors
+
+
+def _cpu_per_gb(runs: list[dict[str, Any]]) -> tuple[list[float], list[str]]:
+    values, errors = [], []
+    for run in runs:
+        tcps = [run.get("tcp1"), run.get("tcp4")]
+        if any(t is None or "error" in t for t in tcps):
+            errors.append("TCP test failed in this repetition")
+            continue
+        gigabytes = sum(t["bytes"] for t in tcps if t) / 1e9
+        values.append(sum(t["cpu_s"] for t in tcps if t) / gigabytes)
+    return values, errors
+
+
+def aggregate(config: Config, runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """metric key -> {median, samples, errors, na}; a metric without a value is None, never 0."""
+    sources = {
+        "tcp1_gbps": ("tcp1", "gbps"), "tcp4_gbps": ("tcp4", "gbps"),
+        "udp64_kpps": ("udp64", "kpps"), "udp64_loss_pct": ("udp64", "loss_pct"),
+        "udp1400_kpps": ("udp1400", "kpps"), "udp1400_loss_pct": ("udp1400", "loss_pct"),
+        "rtt_p50_ms": ("ping", "p50_ms"), "rtt_p99_ms": ("ping", "p99_ms"),
+    }
+    metrics: dict[str, dict[str, Any]] = {}
+    for key, (what, field) in sources.items():
+        values, errors = _samples(runs, what, field)
+        metrics[key] = {"median": report.median(values), "samples": values, "errors": errors, "na": None}
+    if config.has_daemon:
+        values, errors = _cpu_per_gb(runs)
+        metrics["cpu_s_per_gb"] = {"median": report.median(values), "samples": values, "errors": errors, "na": None}
+    else:
+        metrics["cpu_s_per_gb"] = {"median": None, "samples": [], "errors": [], "na": "no daemon"}
+    return metrics
+
+
+def add_ratios(configs: list[dict[str, Any]]) -> None:
+    by_name = {c["name"]: c for c in configs}
+    for key, ref_name in REFERENCES.items():
+        ref = by_name.get(ref_name)
+        for c in configs:
+            c[key] = {}
+            if ref is None:
+                continue
+            for m in report.DATAPATH_METRICS:
+                if not m.ratio:
+                    continue
+                value, base = c["metrics"][m.key]["median"], ref["metrics"][m.key]["median"]
+                c[key][m.key] = value / base if value is not None and base else None
+
+
+def run(params: Params, out_dir: Path, console: Console | None = None) -> dict[str, Any]:
+    console = console or Console(stderr=True)
+    configs = select_configs(params.only)
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    results: dict[str, dict[str, Any]] = {
+        c.name: {"name": c.name, "label": c.label, "status": "pending", "reason": None,
+                 "setup_seconds": None, "detail": {}, "runs": []}
+        for c in configs
+    }
+    data: dict[str, Any] = {"kind": "datapath", "started": started, "machine": report.machine(),
+                            "params": asdict(params), "configs": [], "interrupted": False}
+    runnable = [c for c in configs if not c.skip_reason]
+    for c in configs:
+        if c.skip_reason:
+            results[c.name].update(status="skipped", reason=c.skip_reason)
+    t0 = time.monotonic()
+    try:
+        with Testbed(out_dir / "logs") as bed, _progress(console) as progress:
+            total = len(runnable) + params.reps * len(runnable) * len(MEASUREMENTS)
+            task = progress.add_task("building the testbed", total=total)
+            data["testbed_prefix"] = bed.prefix
+            pairs: list[Pair] = []
+            for c in runnable:
+                progress.update(task, description=f"setting up {c.label}")
+                ts = time.monotonic()
+                try:
+                    pair = bed.setup(c)
+                except SetupError as e:
+                    results[c.name].update(status="failed", reason=str(e))
+                    console.print(f"[red]{c.label}: failed: {e}[/red]")
+                    progress.advance(task, 1 + params.reps * len(MEASUREMENTS))
+                    continue
+                results[c.name].update(setup_seconds=round(time.monotonic() - ts, 2), detail=pair.detail)
+                pairs.append(pair)
+                progress.advance(task)
+            _round_robin(bed, pairs, params, results, progress, task)
+    except KeyboardInterrupt:
+        data["interrupted"] = True
+        console.print("[yellow]interrupted: the testbed is removed; partial results are written[/yellow]")
+    data["seconds"] = round(time.monotonic() - t0, 1)
+    for c in configs:
+        entry = results[c.name]
+        entry["metrics"] = aggregate(c, entry["runs"])
+        if entry["status"] == "pending":
+            missing = [k for k, v in entry["metrics"].items() if v["median"] is None and not v["na"]]
+            entry["status"] = "ok" if not missing else ("partial" if len(missing) < len(entry["metrics"]) else "failed")
+            if missing:
+                first = next((e for k in missing for e in entry["metrics"][k]["errors"]), "not measured")
+                entry["reason"] = f"no value for {', '.join(missing)}: {first}"
+        data["configs"].append(entry)
+    add_ratios(data["configs"])
+    write(data, out_dir, console)
+    if data["interrupted"]:
+        raise KeyboardInterrupt
+    return data
+
+
+def _round_robin(bed: Testbed, pairs: list[Pair], params: Params, results: dict[str, dict[str, Any]],
+                 progress: Progress, task: Any) -> None:
+    for rep in range(params.reps):
+        for pair in pairs:
+            entry = results[pair.config.name]
+            run_result: dict[str, Any] = {"rep": rep + 1}
+            entry["runs"].append(run_result)
+            for what in MEASUREMENTS:
+                progress.update(task, description=f"run {rep + 1}/{params.reps}: {pair.config.label}: {what}")
+                dead = bed.daemon_alive(pair)
+                if dead:
+                    run_result[what] = {"error": dead}
+                else:
+                    try:
+                        run_result[what] = measure(pair, what, params)
+                    except traffic.MeasureError as e:
+                        run_result[what] = {"error": str(e)}
+                progress.advance(task)
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+def write(data: dict[str, Any], out_dir: Path, console: Console) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report.write_json(out_dir / "datapath.json", data)
+    table = report.datapath_markdown(data)
+    (out_dir / "datapath.md").write_text(table)
+    problem = report.datapath_chart(data, out_dir / "datapath.png")
+    print(table, flush=True)  # stdout, unwrapped: the table is the result
+    if problem:
+        console.print(f"[yellow]{problem}[/yellow]")
+    console.print(f"wrote {out_dir / 'datapath.json'}, {out_dir / 'datapath.md'}"
+                  + ("" if problem else f", {out_dir / 'datapath.png'}"))

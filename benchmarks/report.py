@@ -1,0 +1,191 @@
+"""Results on disk: the machine, medians and ratios as JSON, a Markdown table and a PNG chart."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    title: str  # column header
+    unit: str
+    fmt: str = "{:.2f}"
+    ratio: bool = True  # ratios to raw veth and kernel vxlan make sense
+
+
+DATAPATH_METRICS: tuple[Metric, ...] = (
+    Metric("tcp1_gbps", "TCP 1 stream", "Gbit/s"),
+    Metric("tcp4_gbps", "TCP 4 streams", "Gbit/s"),
+    Metric("udp64_kpps", "UDP 64 B", "kpps", "{:.0f}"),
+    Metric("udp64_loss_pct", "loss 64 B", "%", "{:.1f}", ratio=False),
+    Metric("udp1400_kpps", "UDP 1400 B", "kpps", "{:.0f}"),
+    Metric("udp1400_loss_pct", "loss 1400 B", "%", "{:.1f}", ratio=False),
+    Metric("rtt_p50_ms", "RTT p50", "ms", "{:.3f}"),
+    Metric("rtt_p99_ms", "RTT p99", "ms", "{:.3f}"),
+    Metric("cpu_s_per_gb", "daemon CPU", "s/GB", "{:.2f}", ratio=False),
+)
+
+
+def _first_line(argv: Sequence[str]) -> str:
+    try:
+        out = subprocess.run(list(argv), capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unavailable"
+    text = (out.stdout or out.stderr).strip()
+    return text.splitlines()[0] if text else "unavailable"
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers depend on: CPU, cores, kernel, Python, tool versions."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gb = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gb = round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": mem_gb,
+        "kernel": platform.release(),
+        "os": _first_line(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
+        "python": platform.python_version(),
+        "iperf3": _first_line(["iperf3", "--version"]),
+        "etcd": _first_line(["etcd", "--version"]),
+    }
+
+
+def median(values: Sequence[float]) -> float | None:
+    return float(statistics.median(values)) if values else None
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    return (f"{m['cpu']}, {m['cores']} cores, {m.get('memory_gb')} GB RAM; Linux {m['kernel']}; {m['os']}; "
+            f"Python {m['python']}; {m['iperf3']}")
+
+
+def _cell(metric: Metric, entry: dict[str, Any]) -> str:
+    value = entry.get("median")
+    if value is None:
+        return "n/a" if entry.get("na") else "failed"
+    return metric.fmt.format(value)
+
+
+def datapath_markdown(data: dict[str, Any]) -> str:
+    """The table: one row per configuration, medians; then ratios; then failures with their reasons."""
+    p = data["params"]
+    lines = [
+        f"Data path, medians of {p['reps']} repetition(s), {p['duration']:g} s per iperf3 test, "
+        f"{p['ping_count']} pings at {p['ping_interval'] * 1000:g} ms; {data['started']}.",
+        "",
+        f"Machine: {machine_line(data['machine'])}.",
+        "",
+        "| configuration | " + " | ".join(f"{m.title} ({m.unit})" for m in DATAPATH_METRICS) + " |",
+        "|---|" + "---:|" * len(DATAPATH_METRICS),
+    ]
+    notes = []
+    for c in data["configs"]:
+        if c["status"] == "skipped":
+            notes.append(f"- {c['label']}: skipped ({c['reason']})")
+            continue
+        if c["status"] == "failed" and not any(e.get("median") is not None for e in c["metrics"].values()):
+            lines.append(f"| {c['label']} | " + " | ".join("failed" for _ in DATAPATH_METRICS) + " |")
+            notes.append(f"- {c['label']}: failed: {c['reason']}")
+            continue
+        lines.append(f"| {c['label']} | " + " | ".join(_cell(m, c["metrics"][m.key]) for m in DATAPATH_METRICS)
+                     + " |")
+        for m in DATAPATH_METRICS:
+            errors = c["metrics"][m.key].get("errors") or []
+            if c["metrics"][m.key].get("median") is None and errors:
+                notes.append(f"- {c['label']}, {m.title}: failed: {errors[-1]}")
+    ratio_metrics = [m for m in DATAPATH_METRICS if m.ratio]
+    for ref_key, ref_title in (("ratio_to_raw_veth", "raw veth"), ("ratio_to_kernel_vxlan", "kernel vxlan")):
+        lines += ["", f"Ratio to {ref_title} (medians; RTT: higher is slower):", "",
+                  "| configuration | " + " | ".join(m.title for m in ratio_metrics) + " |",
+                  "|---|" + "---:|" * len(ratio_metrics)]
+        for c in data["configs"]:
+            if c["status"] == "skipped" or not c.get(ref_key):
+                continue
+            cells = [c[ref_key].get(m.key) for m in ratio_metrics]
+            if all(v is None for v in cells):
+                continue
+            lines.append(f"| {c['label']} | " + " | ".join("—" if v is None else f"{v:.2f}x" for v in cells) + " |")
+    lines += ["", "daemon CPU: user+system seconds of the two daemons during the TCP tests, per GB received "
+              "(n/a: no daemon, the kernel does the work)."]
+    if notes:
+        lines += ["", "Not measured:", "", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def datapath_chart(data: dict[str, Any], path: Path) -> str | None:
+    """A PNG with TCP throughput, UDP packet rate and RTT side by side; None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'flannelpy[bench]'); no chart written"
+    configs = [c for c in data["configs"] if c["status"] != "skipped"]
+    labels = [c["label"].replace(" (", "\n(") for c in configs]
+
+    def values(key: str) -> list[float]:
+        return [c["metrics"][key]["median"] or 0.0 for c in configs]  # failed: an empty bar, labelled below
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.5))
+    panels = (
+        ("TCP throughput (Gbit/s)", (("tcp1_gbps", "1 stream"), ("tcp4_gbps", "4 streams"))),
+        ("UDP packet rate received (kpps)", (("udp64_kpps", "64 B"), ("udp1400_kpps", "1400 B"))),
+        ("ping RTT (ms)", (("rtt_p50_ms", "p50"), ("rtt_p99_ms", "p99"))),
+    )
+    width = 0.4
+    for ax, (title, series) in zip(axes, panels, strict=True):
+        for i, (key, name) in enumerate(series):
+            xs = [x + (i - 0.5) * width for x in range(len(configs))]
+            bars = ax.bar(xs, values(key), width, label=name)
+            for bar, c in zip(bars, configs, strict=True):
+                if c["metrics"][key]["median"] is None:
+                    ax.annotate("failed", (bar.get_x() + bar.get_width() / 2, 0), ha="center", va="bottom",
+                                rotation=90, fontsize=7, color="red")
+        ax.set_title(title)
+        ax.set_xticks(range(len(configs)))
+        ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    m = data["machine"]
+    fig.suptitle(f"flannelpy data path: medians of {data['params']['reps']} run(s); {m['cores']} cores, "
+                 f"Linux {m['kernel']}, Python {m['python']}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def simple_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
