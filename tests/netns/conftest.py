@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 NODE_SCRIPT = Path(__file__).with_name("udp_node.py")
 NETWORK = "10.10.0.0/16"
 PORT = 8285
+LeaseSpec = tuple[str, str, str | None]  # subnet, PublicIP, BackendType
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -55,7 +56,7 @@ class Node:
 
     def __init__(self, ns: str, spec: dict[str, Any]) -> None:
         self.ns = ns
-        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in stop())
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", ns, sys.executable, str(NODE_SCRIPT), json.dumps(spec)],
@@ -83,8 +84,7 @@ class Node:
         self.proc.stdin.flush()
         return self._read()
 
-    def apply(self, added: list[tuple[str, str, str | None]] = (),  # type: ignore[assignment]
-              removed: list[tuple[str, str, str | None]] = ()) -> None:  # type: ignore[assignment]
+    def apply(self, added: Sequence[LeaseSpec] = (), removed: Sequence[LeaseSpec] = ()) -> None:
         self.call(op="apply", added=list(added), removed=list(removed))
 
     def counters(self) -> dict[str, int]:
