@@ -127,8 +127,9 @@ class Node:
         self._spawn(self.manager.keep_lease(self.lease), "renew")
         self._spawn(self.backend.run(), "backend")
         # Routes to the peers that exist now are in place before containers are told to start.
-        waiter = asyncio.ensure_future(self._first_snapshot.wait())
-        await asyncio.wait([waiter, self._done], return_when=asyncio.FIRST_COMPLETED)
+        waiter: asyncio.Future[Any] = asyncio.ensure_future(self._first_snapshot.wait())
+        pending: list[asyncio.Future[Any]] = [waiter, self._done]
+        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         if self._done.done():
             waiter.cancel()
             self._done.result()

@@ -20,6 +20,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from flannelpy.backend.base import ExternalInterface
 from flannelpy.errors import InterfaceError
+from flannelpy.netlink import run_netlink
 
 log = structlog.get_logger()
 
@@ -174,6 +175,12 @@ async def select_interface(
     ifaces: list[str], iface_regexes: list[str], can_reach: str | None, public_ip: str | None
 ) -> ExternalInterface:
     """Pick the external interface as flanneld does; raise InterfaceError when nothing matches."""
+    return await run_netlink(_select_interface(ifaces, iface_regexes, can_reach, public_ip))
+
+
+async def _select_interface(
+    ifaces: list[str], iface_regexes: list[str], can_reach: str | None, public_ip: str | None
+) -> ExternalInterface:
     public: IPv4Address | None = None
     if public_ip:
         try:

@@ -55,5 +55,5 @@ class NodeCollector:
 
 def render_metrics(node: Any, registry: Any) -> tuple[str, str]:
     reg = CollectorRegistry()
-    reg.register(NodeCollector(node, registry))  # type: ignore[arg-type]
+    reg.register(NodeCollector(node, registry))
     return generate_latest(reg).decode(), CONTENT_TYPE_LATEST
