@@ -61,7 +61,7 @@ def test_default_subnet_len(network: str, subnet_len: int) -> None:
 
 
 def test_network_longer_than_28_is_too_small() -> None:
-    with pytest.raises(ConfigError, match="network is too small. Minimum useful network prefix is /28"):
+    with pytest.raises(ConfigError, match=r"network is too small\. Minimum useful network prefix is /28"):
         parse_config(cfg(Network="10.5.0.0/29"))
 
 
@@ -201,7 +201,7 @@ def test_ipv6_rules() -> None:
         parse_config(cfg(Network="10.5.0.0/16", EnableIPv6=True, IPv6Network="fd00::/125"))
     with pytest.raises(ConfigError, match="IPv6SubnetLen=127"):
         parse_config(cfg(Network="10.5.0.0/16", EnableIPv6=True, IPv6Network="fd00::/56", IPv6SubnetLen=127))
-    with pytest.raises(ConfigError, match="IPv6SubnetLen=57.*four subnets"):
+    with pytest.raises(ConfigError, match=r"IPv6SubnetLen=57.*four subnets"):
         parse_config(cfg(Network="10.5.0.0/16", EnableIPv6=True, IPv6Network="fd00::/56", IPv6SubnetLen=57))
     with pytest.raises(ConfigError, match="IPv6Network is missing"):
         parse_config(cfg(Network="10.5.0.0/16", EnableIPv6=True))

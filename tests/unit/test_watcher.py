@@ -1,0 +1,125 @@
+"""Lease-set diffing (LeaseWatcher) and the route table it feeds, table-driven."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from flannelpy.config import parse_config
+from flannelpy.routes import RouteTable
+from flannelpy.subnet.lease import Lease, LeaseAttrs
+from flannelpy.subnet.watcher import LeaseEvent, LeaseWatcher
+
+CONFIG = parse_config('{"Network":"10.5.0.0/16"}')
+OWN = IPv4Network("10.5.1.0/24")
+
+
+def lease(n: int, ip: str = "", rev: int = 1, plen: int = 24, net: str = "10.5") -> Lease:
+    subnet = IPv4Network(f"{net}.{n}.0/{plen}")
+    return Lease(subnet, LeaseAttrs(IPv4Address(ip or f"192.168.0.{n}")), revision=rev)
+
+
+def add(n: int, **kw: object) -> LeaseEvent:
+    return LeaseEvent.added(lease(n, **kw))  # type: ignore[arg-type]
+
+
+def rm(n: int) -> LeaseEvent:
+    return LeaseEvent.removed(IPv4Network(f"10.5.{n}.0/24"))
+
+
+def subnets(leases: list[Lease]) -> list[int]:
+    return [int(str(le.subnet).split(".")[2]) for le in leases]
+
+
+UPDATE_CASES = [
+    # (known before, events, added, removed)
+    pytest.param([], [add(2)], [2], [], id="new lease"),
+    pytest.param([2], [add(2, rev=5)], [2], [], id="renewal is announced again"),
+    pytest.param([2], [rm(2)], [], [2], id="deleted"),
+    pytest.param([], [rm(2)], [], [], id="unknown deletion is nothing"),
+    pytest.param([], [add(1)], [], [], id="own lease is not a route"),
+    pytest.param([], [rm(1)], [], [], id="own deletion is not a route"),
+    pytest.param([], [add(2), rm(2)], [], [], id="added and removed in one batch"),
+    pytest.param([2], [rm(2), add(2, rev=9)], [2], [], id="replaced in one batch"),
+    pytest.param([2], [add(2, rev=3), rm(2)], [], [2], id="renewed then removed"),
+    pytest.param([], [add(2), add(3), add(4)], [2, 3, 4], [], id="several"),
+    pytest.param([2, 3], [rm(3), add(4)], [4], [3], id="mixed"),
+    pytest.param([], [LeaseEvent.added(lease(2, plen=25))], [], [], id="other prefix length ignored"),
+    pytest.param([], [LeaseEvent.added(lease(2, net="10.6"))], [], [], id="outside the network ignored"),
+]
+
+
+@pytest.mark.parametrize(("known", "events", "added", "removed"), UPDATE_CASES)
+def test_update(known: list[int], events: list[LeaseEvent], added: list[int], removed: list[int]) -> None:
+    w = LeaseWatcher(CONFIG, OWN)
+    w.reset([lease(n) for n in known])
+    a, r = w.update(events)
+    assert (subnets(a), subnets(r)) == (added, removed)
+    assert not set(subnets(a)) & set(subnets(r))
+
+
+def test_ignored_leases_are_reported_for_logging() -> None:
+    w = LeaseWatcher(CONFIG, OWN)
+    w.update([LeaseEvent.added(lease(2, net="10.6")), LeaseEvent.added(lease(3, plen=25))])
+    reasons = [why for _, why in w.ignored]
+    assert "outside Network" in reasons[0]
+    assert "/25" in reasons[1]
+
+
+RESET_CASES = [
+    pytest.param([], [2, 3], [2, 3], [], id="first snapshot is all added"),
+    pytest.param([2, 3], [2, 3], [], [], id="unchanged"),
+    pytest.param([2, 3], [3, 4], [4], [2], id="one gone one new"),
+    pytest.param([2, 3], [], [], [2, 3], id="all gone"),
+    pytest.param([2], [1, 2], [], [], id="own lease never listed"),
+]
+
+
+@pytest.mark.parametrize(("known", "snapshot", "added", "removed"), RESET_CASES)
+def test_reset(known: list[int], snapshot: list[int], added: list[int], removed: list[int]) -> None:
+    w = LeaseWatcher(CONFIG, OWN)
+    w.reset([lease(n) for n in known])
+    a, r = w.reset([lease(n) for n in snapshot])
+    assert (subnets(a), subnets(r)) == (added, removed)
+
+
+def test_reset_reannounces_a_lease_that_changed() -> None:
+    w = LeaseWatcher(CONFIG, OWN)
+    w.reset([lease(2, rev=1), lease(3, rev=1)])
+    a, r = w.reset([lease(2, ip="192.168.9.9", rev=7), lease(3, rev=1)])
+    assert subnets(a) == [2] and r == []
+    assert a[0].attrs.public_ip == IPv4Address("192.168.9.9")
+
+
+def test_route_table_follows_watcher_output() -> None:
+    w = LeaseWatcher(CONFIG, OWN)
+    table = RouteTable()
+    table.apply(*w.reset([lease(2), lease(3)]))
+    assert len(table) == 2 and table.version == 1
+    table.apply(*w.update([rm(2), add(4), add(3, ip="192.168.7.7", rev=2)]))
+    assert [str(le.subnet) for le in table.leases()] == ["10.5.3.0/24", "10.5.4.0/24"]
+    assert table.lookup("10.5.3.77").attrs.public_ip == IPv4Address("192.168.7.7")  # type: ignore[union-attr]
+    assert table.lookup("10.5.2.1") is None
+    assert table.version == 2
+
+
+def test_route_table_lookup_and_counter() -> None:
+    table = RouteTable([lease(2), lease(3)])
+    assert table.lookup(IPv4Address("10.5.2.200")) == lease(2)
+    assert table.lookup("10.5.1.1") is None  # own subnet: not a route
+    assert table.lookup("192.168.0.1") is None
+    assert table.get(IPv4Network("10.5.3.0/24")) == lease(3)
+    v = table.version
+    assert table.apply([], [lease(9)]) is False and table.version == v  # nothing changed
+    assert table.apply([lease(2)], []) is False  # same lease again
+    assert table.apply([lease(2, rev=2)], []) is True  # a renewal counts as a change
+    assert table.apply([], [lease(2)]) is True and IPv4Network("10.5.2.0/24") not in table
+    assert table.lookup("10.5.2.1") is None
+
+
+def test_route_table_mixed_prefix_lengths() -> None:
+    table = RouteTable([lease(2), Lease(IPv4Network("10.7.0.64/26"), LeaseAttrs(IPv4Address("1.2.3.4")))])
+    assert table.lookup("10.7.0.100").attrs.public_ip == IPv4Address("1.2.3.4")  # type: ignore[union-attr]
+    table.apply([], [lease(2)])
+    assert table.lookup("10.5.2.1") is None and len(table) == 1
