@@ -243,6 +243,10 @@ def leases_main(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("config", "leases", "mk-docker-opts"):
+        from flannelpy.observe.log import configure_logging
+
+        configure_logging(-1)
     if args and args[0] == "config":
         return config_main(args[1:])
     if args and args[0] == "leases":

@@ -9,11 +9,12 @@ from typing import Any, TextIO
 import structlog
 
 # flanneld's -v is a glog verbosity: 0 is the normal level, higher shows more.
-_LEVELS = {0: logging.INFO, 1: logging.INFO, 2: logging.DEBUG}
+_LEVELS = {-1: logging.WARNING, 0: logging.INFO, 1: logging.INFO, 2: logging.DEBUG}
 
 
 def configure_logging(verbosity: int = 0, fmt: str = "text", stream: TextIO | None = None) -> None:
-    """Configure structlog once for the process. fmt: "text" (key=value) or "json"."""
+    """Configure structlog once for the process. fmt: "text" (key=value) or "json"; verbosity -1: warnings only
+    (the operator verbs, whose standard output is their answer)."""
     level = _LEVELS.get(verbosity, logging.DEBUG)
     out = stream or sys.stderr
     processors: list[Any] = [

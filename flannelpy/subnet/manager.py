@@ -78,9 +78,9 @@ class SubnetManager:
     # -- network config ------------------------------------------------------------------------
 
     def _config_hint(self) -> str:
-        flag = "" if self.prefix == DEFAULT_PREFIX else f" --etcd-prefix {self.prefix}"
+        flag = "" if self.prefix == DEFAULT_PREFIX else f" --etcd-prefix={self.prefix}"
         return (f"write it with the etcd v3 API: ETCDCTL_API=3 etcdctl put {self.config_key} "
-                f"'{EXAMPLE_CONFIG}' or flannelpy{flag} config set '{EXAMPLE_CONFIG}'")
+                f"'{EXAMPLE_CONFIG}' or flannelpy config set{flag} '{EXAMPLE_CONFIG}'")
 
     async def get_network_config(self) -> NetworkConfig:
         """Read <prefix>/config, waiting (retry every second) until it exists."""

@@ -1,0 +1,163 @@
+"""The daemon as an operator runs it: signals, exit codes, restarts, health, logs and the operator verbs.
+
+Two hosts in namespaces with the `alloc` backend (lease only), so these tests are about the control plane.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from ipaddress import IPv4Network
+from pathlib import Path
+
+import pytest
+
+from flannelpy.lab.cluster import Cluster, SubnetEnv
+
+HEALTHZ_PORT = 8471
+
+
+@pytest.fixture(scope="module")
+def alloc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with Cluster(hosts=2, containers_per_host=0, backend="alloc", etcd_prefix="/coreos.com/network",
+                 network="10.5.0.0/16", workdir=tmp_path_factory.mktemp("alloc"),
+                 daemon_args=[f"--healthz-port={HEALTHZ_PORT}", "--log-format=json"]) as c:
+        yield c
+
+
+def _subnet(c: Cluster, host: str) -> IPv4Network:
+    return SubnetEnv.read(c.subnet_file(host)).subnet.network
+
+
+def _wait_exit(c: Cluster, host: str, timeout: float = 30.0) -> int:
+    proc = c.daemons[host]
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"flannelpy on {host} did not exit; log:\n{c.log_tail(host)}")
+
+
+def _http(c: Cluster, host: str, path: str) -> tuple[int, str]:
+    code = (
+        "import sys, urllib.request, urllib.error\n"
+        f"try:\n r = urllib.request.urlopen('http://127.0.0.1:{HEALTHZ_PORT}{path}', timeout=5)\n"
+        " print(r.status); print(r.read().decode(), end='')\n"
+        "except urllib.error.HTTPError as e:\n print(e.code); print(e.read().decode(), end='')\n"
+    )
+    out = c.run(c.host(host), [sys.executable, "-c", code]).stdout
+    status, _, body = out.partition("\n")
+    return int(status), body
+
+
+def _restart(c: Cluster, host: str) -> None:
+    c.subnet_file(host).unlink(missing_ok=True)
+    c.start_daemon(host)
+    c.wait_subnet_env(host)
+
+
+def test_hosts_hold_distinct_leases_that_match_their_subnet_files(alloc: Cluster) -> None:
+    subnets = {h: _subnet(alloc, h) for h in alloc.topology.hosts}
+    assert len(set(subnets.values())) == len(subnets)
+    leases = alloc.leases()
+    for host, subnet in subnets.items():
+        assert subnet in leases
+        assert leases[subnet]["PublicIP"] == str(alloc.host(host).address)
+        assert leases[subnet]["BackendType"] == "alloc"
+        assert "PublicIPv6" in leases[subnet]
+
+
+def test_health_readiness_and_metrics_answer(alloc: Cluster) -> None:
+    host = next(iter(alloc.topology.hosts))
+    assert _http(alloc, host, "/healthz") == (200, "flanneld is running\n")
+    assert _http(alloc, host, "/readyz")[0] == 200
+    status, metrics = _http(alloc, host, "/metrics")
+    assert status == 200
+    assert 'flannel_backend_info{subnet="%s",type="alloc"' % _subnet(alloc, host) in metrics
+    assert "flannel_routes 1.0" in metrics  # the other host
+
+
+def test_logs_are_one_json_object_per_line_with_the_startup_lines(alloc: Cluster) -> None:
+    host = next(iter(alloc.topology.hosts))
+    events = [json.loads(line)["event"] for line in alloc.log_file(host).read_text().splitlines()
+              if line.startswith("{")]
+    assert any(e.startswith("Using interface with name") for e in events)
+    assert any(e.startswith("Wrote subnet file") for e in events)
+
+
+def test_leases_verb_lists_every_lease(alloc: Cluster) -> None:
+    host = alloc.host(next(iter(alloc.topology.hosts)))
+    out = alloc.run(host, [sys.executable, "-m", "flannelpy", "leases", "--json",
+                           f"--etcd-endpoints={','.join(alloc.endpoints)}"]).stdout
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert {r["subnet"] for r in rows} == {str(_subnet(alloc, h)) for h in alloc.topology.hosts}
+    assert all(r["backend"] == "alloc" and r["ttl"].endswith("s") for r in rows)
+
+
+def test_sigterm_exits_zero_keeps_the_lease_and_a_restart_gets_it_back(alloc: Cluster) -> None:
+    host = list(alloc.topology.hosts)[-1]
+    before = _subnet(alloc, host)
+    assert alloc.stop_daemon(host) == 0
+    assert before in alloc.leases()
+    _restart(alloc, host)
+    assert _subnet(alloc, host) == before
+    assert "Found lease" in alloc.log_file(host).read_text() or "reusing" in alloc.log_file(host).read_text()
+
+
+def test_restart_after_the_lease_key_was_deleted_takes_the_subnet_file_subnet(alloc: Cluster) -> None:
+    host = list(alloc.topology.hosts)[-1]
+    before = _subnet(alloc, host)
+    assert alloc.stop_daemon(host) == 0
+    alloc.delete_lease(before)
+    alloc.start_daemon(host)  # the old subnet file is still there: it names the subnet to ask for
+    deadline = time.monotonic() + 30
+    while before not in alloc.leases():
+        assert time.monotonic() < deadline, alloc.log_tail(host)
+        time.sleep(0.2)
+    assert alloc.leases()[before]["PublicIP"] == str(alloc.host(host).address)
+
+
+def test_a_deleted_lease_shuts_its_daemon_down_with_exit_code_4(alloc: Cluster) -> None:
+    host = list(alloc.topology.hosts)[-1]
+    alloc.wait_subnet_env(host)
+    time.sleep(1.0)  # the daemon is past start-up and watching
+    alloc.delete_lease(_subnet(alloc, host))
+    assert _wait_exit(alloc, host) == 4
+    assert "Lease has been revoked" in alloc.log_file(host).read_text()
+    alloc.daemons.pop(host)
+    _restart(alloc, host)
+
+
+def _run_daemon_briefly(c: Cluster, host: str, prefix: str, seconds: float) -> tuple[int, str]:
+    argv = c.host(host).exec_argv([
+        sys.executable, "-m", "flannelpy", f"--etcd-endpoints={','.join(c.endpoints)}",
+        f"--etcd-prefix={prefix}", f"--iface={c.host(host).iface}",
+        f"--subnet-file={c.host_dir(host) / 'other.env'}",
+    ])
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=str(Path(__file__).resolve().parents[2]))
+    try:
+        out, _ = proc.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=15)
+    return proc.returncode, out
+
+
+def test_missing_config_says_how_to_write_it_with_the_v3_api(alloc: Cluster) -> None:
+    host = next(iter(alloc.topology.hosts))
+    code, out = _run_daemon_briefly(alloc, host, "/nothing/here", 4.0)
+    assert code == 0  # SIGTERM while waiting for the config is a clean exit
+    assert "flannel config not found in etcd store" in out
+    assert "etcdctl put /nothing/here/config" in out and "flannelpy config set" in out
+
+
+def test_invalid_config_exits_2_naming_the_key(alloc: Cluster) -> None:
+    host = next(iter(alloc.topology.hosts))
+    alloc.etcdctl("put", "/bad/network/config", '{"Network":"10.5.0.0/16","SubnetLen":31}')
+    code, out = _run_daemon_briefly(alloc, host, "/bad/network", 20.0)
+    assert code == 2, out
+    assert "SubnetLen=31" in out
