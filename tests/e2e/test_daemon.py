@@ -76,7 +76,7 @@ def test_health_readiness_and_metrics_answer(alloc: Cluster) -> None:
     assert _http(alloc, host, "/readyz")[0] == 200
     status, metrics = _http(alloc, host, "/metrics")
     assert status == 200
-    assert 'flannel_backend_info{subnet="%s",type="alloc"' % _subnet(alloc, host) in metrics
+    assert f'flannel_backend_info{{subnet="{_subnet(alloc, host)}",type="alloc"' in metrics
     assert "flannel_routes 1.0" in metrics  # the other host
 
 
