@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,33 @@ class LeaseEvent:
     added: list[Lease]
     removed: list[Lease]
     at: float = field(default_factory=time.time)
+
+
+class EventStream:
+    """An async iterator of LeaseEvents; `aclose()` (or leaving `async with`) unsubscribes."""
+
+    def __init__(self, subscribers: list[asyncio.Queue[LeaseEvent]]) -> None:
+        self._subscribers = subscribers
+        self._queue: asyncio.Queue[LeaseEvent] = asyncio.Queue()
+        subscribers.append(self._queue)
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> LeaseEvent:
+        if self._queue not in self._subscribers:
+            raise StopAsyncIteration
+        return await self._queue.get()
+
+    async def aclose(self) -> None:
+        if self._queue in self._subscribers:
+            self._subscribers.remove(self._queue)
+
+    async def __aenter__(self) -> EventStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
 
 class Node:
@@ -94,15 +121,9 @@ class Node:
     def counters(self) -> dict[str, int]:
         return self.backend.counters() if self.backend is not None else {}
 
-    async def events(self) -> AsyncIterator[LeaseEvent]:
-        """Lease batches as they are applied (starting with the next one)."""
-        q: asyncio.Queue[LeaseEvent] = asyncio.Queue()
-        self._subscribers.append(q)
-        try:
-            while True:
-                yield await q.get()
-        finally:
-            self._subscribers.remove(q)
+    def events(self) -> EventStream:
+        """Lease batches as they are applied, from this call on (subscribed at once, not at first read)."""
+        return EventStream(self._subscribers)
 
     # ---- life cycle ----
 
@@ -153,8 +174,11 @@ class Node:
                 await self._iptables.remove()
         if self.backend is not None:
             await self.backend.stop()
-        if self._done is not None and not self._done.done():
-            self._done.set_result(None)
+        if self._done is not None:
+            if not self._done.done():
+                self._done.set_result(None)
+            elif not self._done.cancelled():
+                self._done.exception()  # seen: a stop() after a failure is the caller's answer to it
 
     # ---- internals ----
 

@@ -7,7 +7,12 @@ import os
 import secrets
 import shutil
 
+import hypothesis  # noqa: F401  # imported before any test: see below
 import pytest
+
+# CPython 3.11.7 can fail to compile a module imported late in a session after asyncio tests ran
+# ("SystemError: AST constructor recursion depth mismatch", fixed in 3.11.8); hypothesis's pytest plugin
+# imports hypothesis only in the terminal summary, so it is imported here, up front.
 
 IS_ROOT = os.geteuid() == 0
 HAVE_ETCD = shutil.which("etcd") is not None

@@ -1,0 +1,87 @@
+"""The library API: the documented example runs, and a Node behaves as the daemon does."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+
+import flannelpy
+from flannelpy.errors import LeaseRevokedError
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = b'{"Network": "10.5.0.0/16", "Backend": {"Type": "alloc"}}'
+
+
+def _iface(n: int) -> flannelpy.ExternalInterface:
+    ip = IPv4Address(f"192.0.2.{n}")
+    return flannelpy.ExternalInterface(name="eth0", index=2, ip=ip, public_ip=ip, mtu=1500)
+
+
+def _options(tmp_path: Path | None = None) -> flannelpy.NodeOptions:
+    return flannelpy.NodeOptions(subnet_file=tmp_path / "subnet.env" if tmp_path else None,
+                                 iptables_forward_rules=False)
+
+
+def test_documented_example_runs_and_two_nodes_learn_each_other() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "docs" / "examples" / "embed.py")], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["first"] != result["second"]
+    assert result["first_learned"] == [result["second"]]
+    assert result["first_routes"] == [result["second"]]
+    assert result["ready"] is True
+
+
+async def test_node_writes_the_subnet_file_and_keeps_its_lease_on_stop(tmp_path: Path) -> None:
+    registry = flannelpy.MemoryRegistry()
+    await registry.put("/coreos.com/network/config", CONFIG)
+    node = flannelpy.Node(registry, _iface(1), _options(tmp_path))
+    await node.start()
+    assert node.ready
+    assert node.lease is not None
+    text = (tmp_path / "subnet.env").read_text()
+    assert f"FLANNEL_SUBNET={node.lease.subnet.network_address + 1}/24\n" in text
+    await node.stop()
+    kvs, _ = await registry.list_prefix("/coreos.com/network/subnets/")
+    assert [kv.key.rsplit("/", 1)[-1] for kv in kvs] == [node.lease.key]
+
+    again = flannelpy.Node(registry, _iface(1), _options(tmp_path))
+    await again.start()
+    assert again.lease is not None and again.lease.subnet == node.lease.subnet
+    await again.stop()
+
+
+async def test_node_wait_raises_when_its_lease_is_deleted() -> None:
+    registry = flannelpy.MemoryRegistry()
+    await registry.put("/coreos.com/network/config", CONFIG)
+    node = flannelpy.Node(registry, _iface(1), _options())
+    await node.start()
+    assert node.lease is not None
+    await registry.delete(f"/coreos.com/network/subnets/{node.lease.key}")
+    with pytest.raises(LeaseRevokedError):
+        await asyncio.wait_for(node.wait(), 5)
+    await node.stop()
+
+
+async def test_events_report_a_peer_leaving() -> None:
+    registry = flannelpy.MemoryRegistry()
+    await registry.put("/coreos.com/network/config", CONFIG)
+    a = flannelpy.Node(registry, _iface(1), _options())
+    b = flannelpy.Node(registry, _iface(2), _options())
+    await a.start()
+    await b.start()
+    assert b.lease is not None
+    async with a.events() as events:
+        await registry.delete(f"/coreos.com/network/subnets/{b.lease.key}")
+        batch = await asyncio.wait_for(events.__anext__(), 5)
+    assert [lease.subnet for lease in batch.removed] == [b.lease.subnet]
+    assert len(a.routes) == 0
+    await b.stop()
+    await a.stop()
