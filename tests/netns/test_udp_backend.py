@@ -1,0 +1,88 @@
+"""The udp backend's kernel state and lifecycle (root): flannel0 as flanneld makes it, lease value,
+leases of other backends ignored, a second instance refused, everything removed on stop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pytest
+
+from tests.netns.conftest import NETWORK, Node, Pair, nsexec
+from tests.netns.test_udp_datapath import ping, py
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+]
+
+
+def ipj(ns: str, *args: str) -> list[dict[str, Any]]:
+    out = nsexec(ns, "ip", "-j", *args).stdout.strip()
+    return json.loads(out) if out else []
+
+
+def test_flannel0_is_configured_like_flanneld(udp_pair: Pair) -> None:
+    h1 = udp_pair.hosts[0]
+    link = ipj(h1, "-d", "link", "show", "flannel0")[0]
+    assert link["mtu"] == 1472  # eth0's 1500 - 28
+    assert link["linkinfo"]["info_kind"] == "tun"
+    assert link["linkinfo"]["info_data"]["type"] == "tun" and link["linkinfo"]["info_data"]["pi"] is False
+    assert "UP" in link["flags"]
+    addrs = [(a["local"], a["prefixlen"]) for a in ipj(h1, "-4", "addr", "show", "flannel0")[0]["addr_info"]]
+    assert addrs == [("10.10.1.0", 32)]
+    routes = {r["dst"] for r in ipj(h1, "route", "show", "dev", "flannel0")}
+    assert NETWORK in routes
+    listening = nsexec(h1, "ss", "-lun", "sport = :8285").stdout
+    assert "10.99.0.1:8285" in listening
+
+
+def test_lease_value_has_no_backend_type(udp_pair: Pair) -> None:
+    assert udp_pair.nodes[0].ready["lease"] == {"PublicIP": "10.99.0.1", "PublicIPv6": None}
+
+
+def test_leases_of_other_backends_are_ignored_and_logged_once(udp_pair: Pair) -> None:
+    node = udp_pair.nodes[0]
+    vxlan = ("10.10.3.0/24", "10.99.0.2", "vxlan")
+    node.apply(added=[vxlan])
+    node.apply(added=[vxlan])
+    assert node.logs().count("lease ignored by the udp backend") == 1
+    before = node.counters()["icmp_unreachable_sent"]
+    py(udp_pair.containers[0], "import socket; socket.socket(2, 2).sendto(b'x', ('10.10.3.3', 9))")
+    assert node.counters()["icmp_unreachable_sent"] == before + 1  # no route through us
+    # A udp lease that turns into a host-gw one stops going through the TUN.
+    node.apply(added=[(udp_pair.subnets[1], udp_pair.public_ips[1], "host-gw")])
+    assert ping(udp_pair.containers[0], udp_pair.container_ips[1], count=1).returncode != 0
+    node.apply(added=[udp_pair.lease(1)])
+    assert ping(udp_pair.containers[0], udp_pair.container_ips[1], count=1).returncode == 0
+
+
+def test_removed_lease_stops_traffic_and_answers_unreachable(udp_pair: Pair) -> None:
+    node = udp_pair.nodes[0]
+    node.apply(removed=[udp_pair.lease(1)])
+    assert ping(udp_pair.containers[0], udp_pair.container_ips[1], count=1).returncode != 0
+    assert node.counters()["encap_drop_no_route"] >= 1
+    node.apply(added=[udp_pair.lease(1)])
+    assert ping(udp_pair.containers[0], udp_pair.container_ips[1], count=1).returncode == 0
+
+
+def test_second_instance_is_refused_with_a_clear_error(udp_pair: Pair) -> None:
+    with pytest.raises(AssertionError, match="in use"):
+        Node(udp_pair.hosts[0], {"network": NETWORK, "subnet": udp_pair.subnets[0], "iface": "eth0"})
+
+
+def test_stop_removes_the_device_and_frees_the_port(udp_pair: Pair) -> None:
+    h1 = udp_pair.hosts[0]
+    udp_pair.nodes[0].stop()
+    assert nsexec(h1, "ip", "link", "show", "flannel0", check=False).returncode != 0
+    assert "8285" not in nsexec(h1, "ss", "-lun").stdout
+    assert NETWORK not in {r.get("dst") for r in ipj(h1, "route", "show")}
+    # And it comes back: a fresh start on the same host works.
+    again = Node(h1, {"network": NETWORK, "subnet": udp_pair.subnets[0], "iface": "eth0"})
+    try:
+        again.apply(added=[udp_pair.lease(1)])
+        assert ping(udp_pair.containers[0], udp_pair.container_ips[1], count=1).returncode == 0
+    finally:
+        again.stop()
