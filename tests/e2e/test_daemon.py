@@ -161,3 +161,33 @@ def test_invalid_config_exits_2_naming_the_key(alloc: Cluster) -> None:
     code, out = _run_daemon_briefly(alloc, host, "/bad/network", 20.0)
     assert code == 2, out
     assert "SubnetLen=31" in out
+
+
+def test_systemd_is_told_ready_only_after_the_subnet_file_is_written(alloc: Cluster, tmp_path: Path) -> None:
+    import socket
+
+    host = next(iter(alloc.topology.hosts))
+    alloc.etcdctl("put", "/notify/network/config", '{"Network":"10.6.0.0/16","Backend":{"Type":"alloc"}}')
+    sock_path = tmp_path / "notify.sock"
+    subnet_file = alloc.host_dir(host) / "notify.env"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_path))
+        sock.settimeout(30)
+        argv = alloc.host(host).exec_argv([
+            sys.executable, "-m", "flannelpy", f"--etcd-endpoints={','.join(alloc.endpoints)}",
+            "--etcd-prefix=/notify/network", f"--iface={alloc.host(host).iface}", f"--subnet-file={subnet_file}",
+        ])
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "NOTIFY_SOCKET": str(sock_path),
+               "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        try:
+            message = sock.recv(1024)
+            assert message == b"READY=1"
+            assert subnet_file.exists()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+            assert sock.recv(1024) == b"STOPPING=1"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
