@@ -1,0 +1,89 @@
+"""UdpBackend's control-plane side without root: lease value, MTU, data-path choice, apply() -> routes."""
+
+from __future__ import annotations
+
+import json
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from flannelpy.backend.base import ExternalInterface, create_backend
+from flannelpy.backend.udp import UdpBackend
+from flannelpy.config import parse_config
+from flannelpy.subnet.lease import Lease, LeaseAttrs
+
+IFACE = ExternalInterface(name="eth0", index=2, ip=IPv4Address("10.99.0.1"), public_ip=IPv4Address("10.99.0.1"),
+                          mtu=1500)
+
+
+def backend(config: dict[str, object] | None = None, **kwargs: object) -> UdpBackend:
+    cfg = parse_config(json.dumps(config or {"Network": "10.10.0.0/16"}))
+    return UdpBackend(cfg, IFACE, **kwargs)  # type: ignore[arg-type]
+
+
+def lease(subnet: str, public_ip: str, btype: str | None = None) -> Lease:
+    return Lease(IPv4Network(subnet), LeaseAttrs(IPv4Address(public_ip), backend_type=btype))
+
+
+def route(b: UdpBackend, addr: str) -> str | None:
+    peer = b.table.lookup(int(IPv4Address(addr)))
+    return str(IPv4Address(peer)) if peer else None
+
+
+def test_seed_config_runs_the_udp_backend() -> None:
+    b = create_backend(parse_config('{"Network":"10.10.0.0/16"}'), IFACE)
+    assert isinstance(b, UdpBackend) and b.type == "udp"
+
+
+async def test_lease_value_is_flanneld_udp_one() -> None:
+    attrs = await backend().lease_attrs()
+    assert attrs.backend_type is None
+    assert json.loads(attrs.to_json()) == {"PublicIP": "10.99.0.1", "PublicIPv6": None}
+
+
+def test_mtu_is_interface_minus_28_or_backend_mtu() -> None:
+    assert backend().mtu == 1472
+    assert backend({"Network": "10.10.0.0/16", "Backend": {"Type": "udp", "MTU": 1400}}).mtu == 1400
+
+
+@pytest.mark.parametrize("kind", ["compiled", "python"])
+def test_datapath_choice_by_argument_or_environment(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert backend(datapath=kind).datapath_kind == kind
+    monkeypatch.setenv("FLANNELPY_DATAPATH", kind)
+    assert backend().datapath_kind == kind
+
+
+def test_unknown_datapath_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLANNELPY_DATAPATH", "turbo")
+    with pytest.raises(ValueError, match="FLANNELPY_DATAPATH"):
+        backend()
+
+
+@pytest.mark.parametrize("kind", ["compiled", "python"])
+async def test_apply_turns_udp_leases_into_routes(kind: str) -> None:
+    b = backend(datapath=kind)
+    b.lease = lease("10.10.1.0/24", "10.99.0.1")
+    await b.apply([lease("10.10.2.0/24", "10.99.0.2"), lease("10.10.3.0/24", "10.99.0.3", "udp"),
+                   lease("10.10.4.0/24", "10.99.0.4", "vxlan"), lease("10.10.1.0/24", "10.99.0.1"),
+                   lease("10.11.5.0/24", "10.99.0.5"), lease("10.10.6.0/25", "10.99.0.6")], [])
+    assert route(b, "10.10.2.9") == "10.99.0.2"
+    assert route(b, "10.10.3.9") == "10.99.0.3"
+    assert route(b, "10.10.4.9") is None  # another backend's lease
+    assert route(b, "10.10.1.9") is None  # our own subnet
+    assert route(b, "10.10.6.9") is None  # wrong prefix length
+    assert len(b.table) == 2
+    # Renewal re-announces; the host behind a subnet may change; a lease may change backend.
+    await b.apply([lease("10.10.2.0/24", "10.99.0.2"), lease("10.10.3.0/24", "10.99.0.33"),
+                   lease("10.10.2.0/24", "10.99.0.2", "host-gw")], [])
+    assert route(b, "10.10.3.9") == "10.99.0.33"
+    assert route(b, "10.10.2.9") is None
+    # A stale removal (the subnet is held by another host by now) does not remove the new route.
+    await b.apply([], [lease("10.10.3.0/24", "10.99.0.3")])
+    assert route(b, "10.10.3.9") == "10.99.0.33"
+    await b.apply([], [lease("10.10.3.0/24", "10.99.0.33")])
+    assert route(b, "10.10.3.9") is None and len(b.table) == 0
+
+
+def test_counters_before_start_are_zero() -> None:
+    counts = backend().counters()
+    assert counts["encap_packets"] == 0 and "decap_drop_unknown_sender" in counts
