@@ -9,7 +9,6 @@ permanent; the watch starts at the revision of the snapshot it follows, so no le
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -310,11 +309,9 @@ class SubnetManager:
         try:
             await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (sleeper, waker):
-                if not task.done():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+            # Not awaited: awaiting here could swallow a cancellation meant for keep_lease itself.
+            sleeper.cancel()
+            waker.cancel()
 
     def _check_revoked(self) -> None:
         if self._revoked is not None:
