@@ -422,12 +422,13 @@ class Cluster:
     def iperf3(self, src: Container, dst: Container, *, seconds: float = 3.0, port: int = 5201,
                extra: Sequence[str] = ()) -> dict[str, Any]:
         """An iperf3 TCP test from src to dst; returns iperf3's JSON (`end.sum_received.bits_per_second`)."""
-        server = self.popen(dst, ["iperf3", "-s", "-1", "-B", str(dst.address), "-p", str(port)])
+        # --forceflush: otherwise "Server listening" sits in stdio's buffer of a pipe.
+        server = self.popen(dst, ["iperf3", "-s", "-1", "-B", str(dst.address), "-p", str(port), "--forceflush"])
         try:
             assert server.stdout is not None
-            line = server.stdout.readline()
-            if "listening" not in line:
-                raise LabError(f"iperf3 server in {dst.name} did not start: {line!r}")
+            lines = [server.stdout.readline() for _ in range(2)]  # a line of dashes, then "Server listening"
+            if "listening" not in lines[-1]:
+                raise LabError(f"iperf3 server in {dst.name} did not start: {lines!r}")
             proc = self.run(src, ["iperf3", "-c", str(dst.address), "-p", str(port), "-t", str(seconds),
                                   "-J", *extra], timeout=seconds + 30, check=False)
             result: dict[str, Any] = json.loads(proc.stdout)
