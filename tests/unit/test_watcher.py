@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
+from structlog.testing import capture_logs
 
 from flannelpy.config import parse_config
 from flannelpy.routes import RouteTable
 from flannelpy.subnet.lease import Lease, LeaseAttrs
+from flannelpy.subnet.manager import SubnetManager
 from flannelpy.subnet.watcher import LeaseEvent, LeaseWatcher
+from flannelpy.testing import MemoryRegistry
 
 CONFIG = parse_config('{"Network":"10.5.0.0/16"}')
 OWN = IPv4Network("10.5.1.0/24")
@@ -123,3 +128,118 @@ def test_route_table_mixed_prefix_lengths() -> None:
     assert table.lookup("10.7.0.100").attrs.public_ip == IPv4Address("1.2.3.4")  # type: ignore[union-attr]
     table.apply([], [lease(2)])
     assert table.lookup("10.5.2.1") is None and len(table) == 1
+
+
+# -- SubnetManager.watch_leases over the in-memory registry ---------------------------------------
+
+SUBNETS = "/coreos.com/network/subnets/"
+ME = LeaseAttrs(IPv4Address("192.168.0.1"))
+
+
+async def put_lease(reg: MemoryRegistry, n: int) -> None:
+    await reg.put(f"{SUBNETS}10.5.{n}.0-24", LeaseAttrs(IPv4Address(f"192.168.0.{n}")).to_json(), reg.grant(86400))
+
+
+async def next_diff(it: AsyncIterator[tuple[list[Lease], list[Lease]]]) -> tuple[list[int], list[int]]:
+    added, removed = await asyncio.wait_for(it.__anext__(), 5)
+    return subnets(added), subnets(removed)
+
+
+async def own_lease(reg: MemoryRegistry) -> tuple[SubnetManager, Lease]:
+    m = SubnetManager(reg)
+    return m, await m.acquire_lease(CONFIG, ME, prev_subnet=OWN)
+
+
+async def test_watch_starts_with_snapshot_then_changes() -> None:
+    reg = MemoryRegistry()
+    await put_lease(reg, 2)
+    await put_lease(reg, 3)
+    m, own = await own_lease(reg)
+    it = m.watch_leases(CONFIG, own)
+    assert await next_diff(it) == ([2, 3], [])  # own lease 10.5.1.0 is not a route
+    await put_lease(reg, 4)
+    assert await next_diff(it) == ([4], [])
+    await reg.delete(SUBNETS + "10.5.2.0-24")
+    assert await next_diff(it) == ([], [2])
+    await it.aclose()
+
+
+async def test_lease_created_between_list_and_watch_is_not_missed() -> None:
+    reg = MemoryRegistry()
+    m, own = await own_lease(reg)
+    real_list = reg.list_prefix
+
+    async def list_then_someone_writes(prefix: str) -> tuple[list, int]:  # type: ignore[type-arg]
+        result = await real_list(prefix)
+        await put_lease(reg, 7)  # lands after the snapshot, before the watch starts
+        reg.list_prefix = real_list  # type: ignore[method-assign]
+        return result
+
+    reg.list_prefix = list_then_someone_writes  # type: ignore[method-assign]
+    it = m.watch_leases(CONFIG, own)
+    assert await next_diff(it) == ([], [])
+    assert await next_diff(it) == ([7], [])
+    await it.aclose()
+
+
+async def test_compaction_relists_and_diffs() -> None:
+    reg = MemoryRegistry()
+    await put_lease(reg, 2)
+    await put_lease(reg, 3)
+    m, own = await own_lease(reg)
+    it = m.watch_leases(CONFIG, own)
+    assert await next_diff(it) == ([2, 3], [])
+    # Changes the watch never reports (history compacted away), then the watch is cancelled.
+    watchers, reg._watchers = reg._watchers, []
+    await reg.delete(SUBNETS + "10.5.2.0-24")
+    await put_lease(reg, 4)
+    reg._watchers = watchers
+    with capture_logs() as logs:
+        reg.compact()
+        assert await next_diff(it) == ([4], [2])
+    assert any("compacted" in e["event"] for e in logs)
+    await it.aclose()
+
+
+async def test_broken_watch_relists() -> None:
+    reg = MemoryRegistry()
+    m, own = await own_lease(reg)
+    it = m.watch_leases(CONFIG, own)
+    assert await next_diff(it) == ([], [])
+    watchers, reg._watchers = reg._watchers, []
+    await put_lease(reg, 5)
+    reg._watchers = watchers
+    reg.break_watches()
+    assert await next_diff(it) == ([5], [])
+    await it.aclose()
+
+
+async def test_garbage_is_logged_once_and_ignored() -> None:
+    reg = MemoryRegistry()
+    await reg.put(SUBNETS + "10.5.9.0-24", b"garbage")
+    with capture_logs() as logs:
+        m, own = await own_lease(reg)  # allocation sees the garbage first
+        it = m.watch_leases(CONFIG, own)
+        assert await next_diff(it) == ([], [])
+        await reg.put(SUBNETS + "nonsense", b"{}")
+        await reg.put(SUBNETS + "10.6.1.0-24", b'{"PublicIP":"1.2.3.4"}')  # outside the network
+        await reg.put(SUBNETS + "10.5.8.0-25", b'{"PublicIP":"1.2.3.4"}')  # other prefix length
+        await put_lease(reg, 2)
+        assert await next_diff(it) == ([2], [])
+        reg.break_watches()  # the re-list sees the same garbage at the same revisions
+        await put_lease(reg, 3)
+        assert await next_diff(it) == ([3], [])
+    ignored = [e["key"] for e in logs if e["event"].startswith("ignoring an entry")]
+    assert sorted(ignored) == sorted(SUBNETS + k for k in ("10.5.9.0-24", "nonsense", "10.6.1.0-24", "10.5.8.0-25"))
+    await it.aclose()
+
+
+async def test_known_lease_overwritten_with_garbage_is_removed() -> None:
+    reg = MemoryRegistry()
+    await put_lease(reg, 2)
+    m, own = await own_lease(reg)
+    it = m.watch_leases(CONFIG, own)
+    assert await next_diff(it) == ([2], [])
+    await reg.put(SUBNETS + "10.5.2.0-24", b"{broken")
+    assert await next_diff(it) == ([], [2])
+    await it.aclose()
