@@ -1,0 +1,159 @@
+"""What the kernel-forwarding backends (vxlan, host-gw) share: the remote lease set and reconciliation.
+
+The kernel carries the traffic; the backend keeps routes, neighbours and fdb entries equal to what the
+lease set asks for. Every apply() and every `resync_interval` seconds it reads the kernel's entries
+back, diffs them against the desired state (flannelpy.backend.reconcile, pure) and fixes both ways:
+missing entries are added, entries of ours for vanished leases are removed.
+
+Until the first apply() (the daemon's initial lease snapshot) nothing is removed: a restarted daemon
+must not drop the routes of live peers before it knows who they are.
+
+The kernel state is left in place on stop(), as flanneld does, so containers keep talking while the
+daemon restarts; the next start reconciles it. teardown() removes it.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import dataclasses
+from ipaddress import IPv4Address, IPv4Network
+
+import structlog
+
+from flannelpy.backend.base import Backend, ExternalInterface
+from flannelpy.backend.netlink import Netlink, execute_plan
+from flannelpy.backend.reconcile import KernelState, Ownership, Plan, Skipped, plan
+from flannelpy.config import NetworkConfig
+from flannelpy.errors import ConfigError, InterfaceError
+from flannelpy.subnet.lease import Lease
+
+log = structlog.get_logger()
+
+# flanneld's route check interval (routeCheckRetries loop in host-gw, 10 s).
+RESYNC_INTERVAL = 10.0
+
+
+class KernelBackend(Backend, abc.ABC):
+    def __init__(
+        self,
+        config: NetworkConfig,
+        iface: ExternalInterface,
+        *,
+        netns: str | None = None,
+        resync_interval: float = RESYNC_INTERVAL,
+    ) -> None:
+        super().__init__(config, iface)
+        if config.network is None:
+            raise ConfigError(f"the {self.type} backend routes IPv4: the network config needs a Network "
+                              '(e.g. "Network": "10.5.0.0/16") and EnableIPv4 true')
+        self.network: IPv4Network = config.network
+        self.resync_interval = resync_interval
+        self.netns = netns
+        self.nl = Netlink(netns)
+        self._leases: dict[IPv4Network, Lease] = {}
+        self._lock = asyncio.Lock()
+        self._synced = False
+        self._reported: set[tuple[IPv4Network, str]] = set()
+        self.reconciles = 0
+        self.last_plan: Plan | None = None
+        if config.enable_ipv6:
+            log.warning("IPv6 is not routed by this backend; only the IPv4 Network is",
+                        backend=self.type, ipv6_network=str(config.ipv6_network))
+
+    # ---- what a backend provides ----
+
+    @abc.abstractmethod
+    async def _prepare(self) -> None:
+        """Make sure the backend's devices exist and are configured (called under the lock)."""
+
+    @abc.abstractmethod
+    async def _desired(self, leases: list[Lease]) -> tuple[KernelState, list[Skipped], Ownership]:
+        """Desired entries for these remote leases, the leases not routed, and what we own."""
+
+    @abc.abstractmethod
+    async def _actual(self) -> KernelState:
+        """The kernel's entries that could be ours (on our devices)."""
+
+    # ---- Backend ----
+
+    async def apply(self, added: list[Lease], removed: list[Lease]) -> None:
+        for lease in removed:
+            self._leases.pop(lease.subnet, None)
+        for lease in added:
+            if self.lease is not None and lease.subnet == self.lease.subnet:
+                continue
+            self._leases[lease.subnet] = lease
+        self._synced = True
+        await self.reconcile()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.resync_interval)
+            try:
+                await self.reconcile()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                # A transient netlink failure must not end the loop; the next round retries.
+                log.error("Reconcile failed, retrying", backend=self.type, error=str(e),
+                          retry_in=self.resync_interval)
+
+    async def stop(self) -> None:
+        self.nl.close()
+
+    # ---- reconciliation ----
+
+    @property
+    def leases(self) -> list[Lease]:
+        """The remote leases we know of (any backend type)."""
+        return list(self._leases.values())
+
+    async def reconcile(self) -> Plan:
+        """One round: make the kernel match the lease set. Returns what was changed."""
+        await self.nl.open()
+        async with self._lock:
+            await self._prepare()
+            desired, skipped, owner = await self._desired(self.leases)
+            self._report(skipped)
+            actual = await self._actual()
+            todo = plan(desired, actual, owner)
+            if not self._synced:
+                todo = dataclasses.replace(todo, del_routes=(), del_neighbours=(), del_fdb=())
+            failures = await execute_plan(self.nl, todo)
+            self.reconciles += 1
+            self.last_plan = todo
+        for line in failures:
+            log.error("Could not program kernel entry", backend=self.type, failure=line)
+        if not todo.empty:
+            log.info("Reconciled kernel state", backend=self.type, **todo.summary())
+            for r in todo.del_routes:
+                log.info("Removed route for a lease that no longer exists", backend=self.type, dst=str(r.dst),
+                         gateway=str(r.gateway), ifindex=r.ifindex)
+        return todo
+
+    def _report(self, skipped: list[Skipped]) -> None:
+        """Log each unrouted lease once while it stays unrouted for the same reason."""
+        now = {(s.subnet, s.reason) for s in skipped}
+        for s in skipped:
+            if (s.subnet, s.reason) not in self._reported:
+                log.warning("Lease not routed", backend=self.type, subnet=str(s.subnet), reason=s.reason,
+                            **s.detail)
+        self._reported = now
+
+    # ---- shared checks ----
+
+    async def _iface_networks(self) -> list[IPv4Network]:
+        return [a.network for a in await self.nl.ipv4_addresses(self.iface.index)]
+
+    async def _check_iface(self) -> None:
+        link = await self.nl.link_by_index(self.iface.index)
+        if link is None or link.name != self.iface.name:
+            raise InterfaceError(
+                f"interface {self.iface.name} (index {self.iface.index}) does not exist"
+                + (f" (index {self.iface.index} is now {link.name})" if link is not None else "")
+                + "; choose the interface with --iface"
+            )
+
+    async def _has_address(self, ip: IPv4Address) -> bool:
+        return any(a.ip == ip for a in await self.nl.ipv4_addresses(self.iface.index))

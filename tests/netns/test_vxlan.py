@@ -1,0 +1,376 @@
+"""vxlan backend on three hosts in network namespaces (root): kernel state as flanneld's, traffic, reconcile.
+
+Each host runs a VxlanBackend inside its namespace; leases are fed by hand with apply(), as the daemon's
+lease watch would. Kernel state is read back with `ip -j` / `bridge -j`, as an operator would check it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Any
+
+import pytest
+
+from flannelpy.backend.base import ExternalInterface
+from flannelpy.backend.vxlan import VxlanBackend
+from flannelpy.config import parse_config
+from flannelpy.lab.topology import Host, Topology
+from flannelpy.subnet.lease import Lease, LeaseAttrs
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+]
+
+NETWORK = "10.5.0.0/16"
+DEV = "flannel.1"
+FAST = 0.2  # resync interval in these tests (flanneld's is 10 s)
+
+
+def sh(netns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(["ip", "netns", "exec", netns, *argv], capture_output=True, text=True, timeout=30)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} in {netns}: {proc.stderr or proc.stdout}")
+    return proc
+
+
+def js(netns: str, *argv: str) -> list[dict[str, Any]]:
+    out = sh(netns, *argv).stdout.strip()
+    return json.loads(out) if out else []
+
+
+def routes(netns: str) -> set[str]:
+    """`ip route` lines in a canonical form: "10.5.2.0/24 via 10.5.2.0 dev flannel.1 onlink"."""
+    out = set()
+    for r in js(netns, "ip", "-j", "route", "show"):
+        dst = r["dst"] if "/" in r["dst"] or r["dst"] == "default" else f"{r['dst']}/32"
+        line = dst + (f" via {r['gateway']}" if "gateway" in r else "") + f" dev {r['dev']}"
+        if "onlink" in r.get("flags", []):
+            line += " onlink"
+        out.add(line)
+    return out
+
+
+def neighbours(netns: str) -> set[str]:
+    return {f"{n['dst']} lladdr {n['lladdr']} {' '.join(n['state'])}"
+            for n in js(netns, "ip", "-j", "neigh", "show", "dev", DEV) if "lladdr" in n}
+
+
+def fdb(netns: str) -> set[str]:
+    return {f"{e['mac']} dst {e['dst']} {' '.join(e['flags'])} {e['state']}"
+            for e in js(netns, "bridge", "-j", "fdb", "show", "dev", DEV) if "dst" in e}
+
+
+def ping(src_netns: str, dst: IPv4Address | str) -> bool:
+    return sh(src_netns, "ping", "-c", "2", "-i", "0.2", "-W", "2", str(dst), check=False).returncode == 0
+
+
+def cfg(**backend: Any) -> Any:
+    return parse_config(json.dumps({"Network": NETWORK, "Backend": {"Type": "vxlan", **backend}}))
+
+
+def external_iface(host: Host, public_ip: IPv4Address | None = None) -> ExternalInterface:
+    link = js(host.netns, "ip", "-j", "link", "show", host.iface)[0]
+    return ExternalInterface(name=host.iface, index=link["ifindex"], ip=host.address,
+                             public_ip=public_ip or host.address, mtu=link["mtu"])
+
+
+def subnet_of(host: Host) -> IPv4Network:
+    return IPv4Network(f"10.5.{host.index}.0/24")
+
+
+@dataclass
+class Node:
+    host: Host
+    backend: VxlanBackend
+    lease: Lease
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def ns(self) -> str:
+        return self.host.netns
+
+    @property
+    def container_ns(self) -> str:
+        return self.host.containers[0].netns
+
+    @property
+    def container_ip(self) -> IPv4Address:
+        return self.host.containers[0].address
+
+
+@pytest.fixture
+def lab() -> Iterator[Topology]:
+    with Topology() as topo:
+        topo.build(3)
+        for host in topo.hosts.values():
+            topo.add_containers(host.name, IPv4Interface(f"10.5.{host.index}.1/24"), mtu=1450, count=1)
+        yield topo
+
+
+class Nodes:
+    """Backends started on lab hosts; everything is stopped (tasks cancelled, sockets closed) at the end."""
+
+    def __init__(self) -> None:
+        self.nodes: list[Node] = []
+
+    async def start(self, host: Host, config: Any = None, *, run: bool = False) -> Node:
+        backend = VxlanBackend(config or cfg(), external_iface(host), netns=host.netns, resync_interval=FAST)
+        attrs = await backend.lease_attrs()
+        lease = Lease(subnet_of(host), attrs)
+        await backend.start(lease)
+        node = Node(host, backend, lease)
+        if run:
+            node.task = asyncio.create_task(backend.run())
+        self.nodes.append(node)
+        return node
+
+    async def stop(self, node: Node) -> None:
+        if node.task is not None:
+            node.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await node.task
+            node.task = None
+        await node.backend.stop()
+
+    async def mesh(self) -> None:
+        """Every node learns every other node's lease (the daemon's first snapshot)."""
+        for n in self.nodes:
+            await n.backend.apply([m.lease for m in self.nodes if m is not n], [])
+
+
+@pytest.fixture
+async def nodes() -> AsyncIterator[Nodes]:
+    ns = Nodes()
+    try:
+        yield ns
+    finally:
+        for n in ns.nodes:
+            await ns.stop(n)
+
+
+def vxlan_entries(peer: Node) -> tuple[str, str, str]:
+    """The three entries flanneld programs on another host for `peer`."""
+    net = peer.lease.subnet
+    mac = peer.lease.attrs.backend_data["VtepMAC"]  # type: ignore[index]
+    return (
+        f"{net} via {net.network_address} dev {DEV} onlink",
+        f"{net.network_address} lladdr {mac} PERMANENT",
+        f"{mac} dst {peer.lease.attrs.public_ip} self permanent",
+    )
+
+
+async def resynced(backend: VxlanBackend, rounds: int = 2) -> None:
+    """Until the run() loop has done `rounds` reconciles since this call (so one full round started after it)."""
+    start = backend.reconciles
+    for _ in range(500):
+        if backend.reconciles >= start + rounds:
+            return
+        await asyncio.sleep(FAST / 4)
+    raise AssertionError("the reconcile loop did not run")
+
+
+# ---- tests ----
+
+
+async def test_kernel_state_matches_flanneld_and_containers_talk(lab: Topology, nodes: Nodes) -> None:
+    n1 = await nodes.start(lab.hosts["h1"])
+    n2 = await nodes.start(lab.hosts["h2"])
+    n3 = await nodes.start(lab.hosts["h3"])
+    await nodes.mesh()
+
+    # The lease carries the device's MAC and the VNI.
+    attrs = n1.lease.attrs
+    assert attrs.backend_type == "vxlan"
+    link = js(n1.ns, "ip", "-j", "-d", "link", "show", DEV)[0]
+    assert attrs.backend_data == {"VNI": 1, "VtepMAC": link["address"]}
+    # Device exactly as flanneld makes it.
+    info = link["linkinfo"]
+    assert info["info_kind"] == "vxlan"
+    data = info["info_data"]
+    assert data["id"] == 1
+    assert data["local"] == "10.99.0.1"
+    assert data["link"] == "eth0"
+    assert data["port"] == 8472
+    assert data["learning"] is False
+    assert link["mtu"] == 1450
+    assert "UP" in link["flags"]
+    addrs = [f"{a['local']}/{a['prefixlen']}" for a in js(n1.ns, "ip", "-4", "-j", "addr", "show", DEV)[0]["addr_info"]]
+    assert addrs == ["10.5.1.0/32"]
+    assert n1.backend.mtu == 1450
+
+    for node, peers in ((n1, (n2, n3)), (n2, (n1, n3)), (n3, (n1, n2))):
+        want = [vxlan_entries(p) for p in peers]
+        assert {w[0] for w in want} <= routes(node.ns)
+        assert neighbours(node.ns) == {w[1] for w in want}
+        assert fdb(node.ns) == {w[2] for w in want}
+        # Nothing for its own subnet on the VTEP.
+        assert not any(r.startswith(str(node.lease.subnet)) and DEV in r for r in routes(node.ns))
+
+    # Container to container, across hosts, both ways.
+    assert ping(n1.container_ns, n2.container_ip)
+    assert ping(n1.container_ns, n3.container_ip)
+    assert ping(n3.container_ns, n2.container_ip)
+
+
+async def test_host_leaving_removes_its_entries(lab: Topology, nodes: Nodes) -> None:
+    n1, n2, n3 = [await nodes.start(h) for h in lab.hosts.values()]
+    await nodes.mesh()
+    assert ping(n1.container_ns, n3.container_ip)
+
+    for n in (n1, n2):
+        await n.backend.apply([], [n3.lease])
+    route, neigh, entry = vxlan_entries(n3)
+    for n in (n1, n2):
+        assert route not in routes(n.ns)
+        assert neigh not in neighbours(n.ns)
+        assert entry not in fdb(n.ns)
+    assert not ping(n1.container_ns, n3.container_ip)
+    assert ping(n1.container_ns, n2.container_ip)  # the others are untouched
+
+    # It comes back (e.g. the host rejoins with a new VTEP MAC after a reboot).
+    await n3.backend.teardown()
+    n3b = await nodes.start(lab.hosts["h3"])
+    assert n3b.lease.attrs.backend_data != n3.lease.attrs.backend_data
+    for n in (n1, n2):
+        await n.backend.apply([n3b.lease], [])
+    await n3b.backend.apply([n1.lease, n2.lease], [])
+    assert vxlan_entries(n3b)[2] in fdb(n1.ns)
+    assert ping(n1.container_ns, n3.container_ip)
+
+
+async def test_deleted_entries_come_back_within_one_resync(lab: Topology, nodes: Nodes) -> None:
+    n1 = await nodes.start(lab.hosts["h1"], run=True)
+    n2 = await nodes.start(lab.hosts["h2"], run=True)
+    await nodes.mesh()
+    route, neigh, entry = vxlan_entries(n2)
+    net = n2.lease.subnet
+
+    sh(n1.ns, "ip", "route", "del", str(net), "dev", DEV)
+    sh(n1.ns, "ip", "neigh", "del", str(net.network_address), "dev", DEV)
+    sh(n1.ns, "bridge", "fdb", "del", entry.split()[0], "dev", DEV, "dst", str(n2.lease.attrs.public_ip))
+    assert route not in routes(n1.ns)
+    await resynced(n1.backend)
+    assert route in routes(n1.ns)
+    assert neigh in neighbours(n1.ns)
+    assert entry in fdb(n1.ns)
+    assert ping(n1.container_ns, n2.container_ip)
+
+    # A neighbour changed by hand to a wrong MAC is corrected too.
+    sh(n1.ns, "ip", "neigh", "replace", str(net.network_address), "lladdr", "02:00:00:00:00:99",
+       "dev", DEV, "nud", "permanent")
+    await resynced(n1.backend)
+    assert neighbours(n1.ns) == {neigh}
+
+    # The whole device deleted by hand: recreated with the MAC the lease announces.
+    sh(n1.ns, "ip", "link", "del", DEV)
+    await resynced(n1.backend)
+    link = js(n1.ns, "ip", "-j", "link", "show", DEV)[0]
+    assert link["address"] == n1.lease.attrs.backend_data["VtepMAC"]  # type: ignore[index]
+    assert route in routes(n1.ns)
+    assert ping(n1.container_ns, n2.container_ip)
+
+
+async def test_stale_entries_removed_and_foreign_routes_untouched(lab: Topology, nodes: Nodes) -> None:
+    n1 = await nodes.start(lab.hosts["h1"])
+    n2 = await nodes.start(lab.hosts["h2"])
+    await nodes.mesh()
+    # Left behind for a host whose lease vanished (flannel issue #2554).
+    sh(n1.ns, "ip", "route", "add", "10.5.9.0/24", "via", "10.5.9.0", "dev", DEV, "onlink")
+    sh(n1.ns, "ip", "neigh", "add", "10.5.9.0", "lladdr", "02:00:00:00:09:09", "dev", DEV, "nud", "permanent")
+    sh(n1.ns, "bridge", "fdb", "add", "02:00:00:00:09:09", "dev", DEV, "dst", "10.99.0.9", "self", "permanent")
+    # Not ours: outside the Network (even on our device), or on another device.
+    foreign = {
+        "172.16.5.0/24 via 10.5.2.0 dev flannel.1 onlink",
+        "10.5.77.0/24 via 10.99.0.2 dev eth0",
+        "10.5.78.0/24 dev docker0",
+    }
+    sh(n1.ns, "ip", "route", "add", "172.16.5.0/24", "via", "10.5.2.0", "dev", DEV, "onlink")
+    sh(n1.ns, "ip", "route", "add", "10.5.77.0/24", "via", "10.99.0.2", "dev", "eth0")
+    sh(n1.ns, "ip", "route", "add", "10.5.78.0/24", "dev", "docker0")
+
+    done = await n1.backend.reconcile()
+    assert len(done.del_routes) == 1 and len(done.del_neighbours) == 1 and len(done.del_fdb) == 1
+    assert not any(r.startswith("10.5.9.0/24") for r in routes(n1.ns))
+    assert not any(n.startswith("10.5.9.0 ") for n in neighbours(n1.ns))
+    assert not any("10.99.0.9" in e for e in fdb(n1.ns))
+    assert foreign <= routes(n1.ns)
+    assert "10.5.1.0/24 dev docker0" in routes(n1.ns)  # our own subnet's bridge route
+    assert vxlan_entries(n2)[0] in routes(n1.ns)
+    assert ping(n1.container_ns, n2.container_ip)
+
+
+async def test_restart_keeps_live_routes_until_snapshot_then_drops_vanished(lab: Topology, nodes: Nodes) -> None:
+    n1, n2, n3 = [await nodes.start(h) for h in lab.hosts.values()]
+    await nodes.mesh()
+    # h1's daemon stops; while it is down h3 leaves.
+    await nodes.stop(n1)
+    n1b = await nodes.start(lab.hosts["h1"])
+    assert n1b.lease.attrs.backend_data == n1.lease.attrs.backend_data  # compatible device reused
+    # Started but no snapshot yet: live peers keep their routes (nothing removed before we know them).
+    assert vxlan_entries(n2)[0] in routes(n1b.ns)
+    assert vxlan_entries(n3)[0] in routes(n1b.ns)
+    await n1b.backend.apply([n2.lease], [])  # the snapshot: h3 is gone
+    assert vxlan_entries(n2)[0] in routes(n1b.ns)
+    assert vxlan_entries(n3)[0] not in routes(n1b.ns)
+    assert vxlan_entries(n3)[1] not in neighbours(n1b.ns)
+    assert vxlan_entries(n3)[2] not in fdb(n1b.ns)
+
+
+async def test_mismatched_backend_and_bad_backend_data_are_not_routed(lab: Topology, nodes: Nodes) -> None:
+    n1 = await nodes.start(lab.hosts["h1"])
+    n2 = await nodes.start(lab.hosts["h2"])
+    h3 = lab.hosts["h3"]
+    hostgw = Lease(subnet_of(h3), LeaseAttrs(h3.address, backend_type="host-gw"))
+    udp = Lease(IPv4Network("10.5.40.0/24"), LeaseAttrs(IPv4Address("10.99.0.40")))
+    no_mac = Lease(IPv4Network("10.5.41.0/24"), LeaseAttrs(IPv4Address("10.99.0.41"), backend_type="vxlan",
+                                                         backend_data={"VNI": 1}))
+    await n1.backend.apply([n2.lease, hostgw, udp, no_mac], [])
+    table = routes(n1.ns)
+    assert vxlan_entries(n2)[0] in table
+    for lease in (hostgw, udp, no_mac):
+        assert not any(r.startswith(str(lease.subnet)) for r in table)
+    assert len(neighbours(n1.ns)) == 1 and len(fdb(n1.ns)) == 1
+
+
+async def test_incompatible_device_replaced_port_and_mtu_options(lab: Topology, nodes: Nodes) -> None:
+    h1, h2 = lab.hosts["h1"], lab.hosts["h2"]
+    # A leftover flannel.1 with another VNI.
+    sh(h1.netns, "ip", "link", "add", DEV, "type", "vxlan", "id", "7", "dev", "eth0", "local", "10.99.0.1",
+       "dstport", "0")
+    config = cfg(Port=4789, MTU=1400)
+    n1 = await nodes.start(h1, config)
+    n2 = await nodes.start(h2, config)
+    await nodes.mesh()
+    link = js(h1.netns, "ip", "-j", "-d", "link", "show", DEV)[0]
+    assert link["linkinfo"]["info_data"]["id"] == 1
+    assert link["linkinfo"]["info_data"]["port"] == 4789
+    assert link["mtu"] == 1400 and n1.backend.mtu == 1400
+    assert n1.lease.attrs.backend_data["VtepMAC"] == link["address"]  # type: ignore[index]
+    assert ping(n1.container_ns, n2.container_ip)
+
+
+async def test_direct_routing_uses_public_ip_for_peers_on_the_same_network(lab: Topology, nodes: Nodes) -> None:
+    config = cfg(DirectRouting=True)
+    n1, n2, _n3 = [await nodes.start(h, config) for h in lab.hosts.values()]
+    await nodes.mesh()
+    # Every peer shares 10.99.0.0/24 with h1: plain routes via the public IP, nothing on the VTEP.
+    table = routes(n1.ns)
+    assert "10.5.2.0/24 via 10.99.0.2 dev eth0" in table
+    assert "10.5.3.0/24 via 10.99.0.3 dev eth0" in table
+    assert not any(DEV in r for r in table)
+    assert neighbours(n1.ns) == set() and fdb(n1.ns) == set()
+    assert ping(n1.container_ns, n2.container_ip)
+    # A direct route of a vanished lease is stale like any other.
+    sh(n1.ns, "ip", "route", "add", "10.5.9.0/24", "via", "10.99.0.9", "dev", "eth0")
+    await n1.backend.reconcile()
+    assert "10.5.9.0/24 via 10.99.0.9 dev eth0" not in routes(n1.ns)
+    await n1.backend.apply([], [n2.lease])
+    assert "10.5.2.0/24 via 10.99.0.2 dev eth0" not in routes(n1.ns)
