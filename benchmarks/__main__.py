@@ -27,6 +27,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", default="", help="comma-separated data-path configurations (default: all), e.g. "
                    "raw-veth,kernel-vxlan,flannelpy-host-gw,flannelpy-vxlan,flannelpy-udp-compiled,"
                    "flannelpy-udp-python,flanneld-udp,flanneld-vxlan")
+    p.add_argument("--peers", default="", help="control plane: peer counts for lease -> route (default 1,50)")
+    p.add_argument("--start-sizes", default="", help="control plane: leases in etcd at daemon start "
+                   "(default 0,1000,10000)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory (default ./bench-results)")
     return p
 
@@ -41,6 +44,16 @@ def _needs_root(verb: str) -> str | None:
         if verb == "controlplane" and shutil.which("etcd") is None:
             return "the etcd binary is not on PATH (Debian: apt-get install etcd-server)"
     return None
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise SystemExit(f"{flag}={text!r}: expected comma-separated whole numbers, e.g. 1,50") from None
+    if not values or min(values) < 0:
+        raise SystemExit(f"{flag}={text!r}: expected comma-separated whole numbers >= 0")
+    return values
 
 
 def _quiet_logs() -> None:
@@ -75,7 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb in ("all", "controlplane"):
             from benchmarks import controlplane
 
-            controlplane.run(controlplane.Params(quick=args.quick, reps=reps), out, console)
+            cp = controlplane.Params(quick=args.quick)
+            cp.reps = reps
+            if args.peers:
+                cp.peers = _ints(args.peers, "--peers")
+                if min(cp.peers) < 1:
+                    raise SystemExit("--peers: every peer count must be at least 1")
+            if args.start_sizes:
+                cp.start_sizes = _ints(args.start_sizes, "--start-sizes")
+            controlplane.run(cp, out, console)
         if args.verb in ("all", "datapath"):
             from benchmarks import datapath
 

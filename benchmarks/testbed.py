@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,11 +111,11 @@ class Testbed:
 
     ETCD_PORT = 2379
 
-    def __init__(self, workdir: Path, *, startup_timeout: float = 60.0) -> None:
-        self.workdir = Path(workdir)
-        self.startup_timeout = startup_timeout
+    def __init__(self, logdir: Path, *, startup_timeout: float = 60.0) -> None:
         self.topology = Topology()
         self.prefix = self.topology.prefix
+        self.workdir = Path(logdir) / self.prefix  # logs, subnet files and etcd data of this run only
+        self.startup_timeout = startup_timeout
         self.etcd: EtcdCluster | None = None
         self.etcd_host: Host | None = None
         self.daemons: list[Daemon] = []
@@ -159,6 +160,7 @@ class Testbed:
                     run(["ip", "netns", "del", netns], check=False)
                 self._raw_netns.clear()
                 self.topology.teardown()
+                shutil.rmtree(self.workdir / "etcd", ignore_errors=True)  # the logs stay; the data is junk
 
     def namespaces(self) -> list[str]:
         return [*self._raw_netns, *self.topology.namespaces()]
