@@ -51,7 +51,8 @@ class SubnetManager:
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  lease_ttl: float = 86400, renew_margin: float = 3600.0,
-                 rng: random.Random | None = None, claim_attempts: int = 16) -> None:
+                 rng: random.Random | None = None, claim_attempts: int = 16,
+                 renew_retry: float = RENEW_RETRY) -> None:
         prefix = "/" + prefix.strip().strip("/")
         if prefix == "/":
             raise ConfigError("--etcd-prefix must not be empty or '/'; the default is /coreos.com/network")
@@ -68,6 +69,7 @@ class SubnetManager:
         self.renew_margin = renew_margin
         self._rng = rng or random.Random()
         self.claim_attempts = claim_attempts
+        self.renew_retry = renew_retry
         self._own: Lease | None = None
         self._revoked: str | None = None  # why our lease is gone, once it is
         self._renew_now = False
@@ -346,8 +348,8 @@ class SubnetManager:
                 raise
             except RegistryError as e:
                 log.warning("Lease renewal failed; retrying", subnet=str(current.subnet), error=str(e),
-                            retry_in=RENEW_RETRY)
-                await self._pause(RENEW_RETRY)
+                            retry_in=self.renew_retry)
+                await self._pause(self.renew_retry)
                 self._check_revoked()
                 self._renew_now = True  # retry at once after the pause, whatever the due time
                 continue
