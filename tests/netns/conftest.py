@@ -160,11 +160,19 @@ def new_prefix() -> str:
     return f"fu{os.getpid() % 10000}{secrets.token_hex(2)}"
 
 
-@pytest.fixture(params=["compiled"])
+@pytest.fixture(scope="module", params=["compiled"])
 def udp_pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
-    """Two udp-backend hosts with a container each (datapath compiled unless parametrized)."""
+    """Two udp-backend hosts with a container each, shared by a module's tests (which leave the routes
+    as they found them and compare counters before/after); datapath compiled unless parametrized."""
     with contextlib.ExitStack() as stack:
         yield build_pair(new_prefix(), request.param, stack)
+
+
+@pytest.fixture
+def fresh_udp_pair() -> Iterator[Pair]:
+    """Like udp_pair, but for one test only (for tests that stop nodes or need untouched counters)."""
+    with contextlib.ExitStack() as stack:
+        yield build_pair(new_prefix(), "compiled", stack)
 
 
 def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.05) -> bool:
