@@ -1,0 +1,261 @@
+"""host-gw backend on three hosts in network namespaces (root): routes as flanneld's, traffic, reconcile.
+
+Each host runs a HostGwBackend inside its namespace; leases are fed by hand with apply(), as the
+daemon's lease watch would. Routes are read back with `ip -j route`, as an operator would check them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from flannelpy.backend.base import ExternalInterface
+from flannelpy.backend.hostgw import HostGwBackend
+from flannelpy.config import parse_config
+from flannelpy.errors import FlannelError
+from flannelpy.lab.topology import Host, Topology
+from flannelpy.subnet.lease import Lease, LeaseAttrs
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+]
+
+NETWORK = "10.5.0.0/16"
+FAST = 0.2  # resync interval in these tests (flanneld's is 10 s)
+
+
+def sh(netns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(["ip", "netns", "exec", netns, *argv], capture_output=True, text=True, timeout=30)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} in {netns}: {proc.stderr or proc.stdout}")
+    return proc
+
+
+def routes(netns: str) -> set[str]:
+    """`ip route` lines in a canonical form: "10.5.2.0/24 via 10.99.0.2 dev eth0"."""
+    out = set()
+    for r in json.loads(sh(netns, "ip", "-j", "route", "show").stdout or "[]"):
+        dst = r["dst"] if "/" in r["dst"] or r["dst"] == "default" else f"{r['dst']}/32"
+        out.add(dst + (f" via {r['gateway']}" if "gateway" in r else "") + f" dev {r['dev']}")
+    return out
+
+
+def ping(src_netns: str, dst: IPv4Address | str) -> bool:
+    return sh(src_netns, "ping", "-c", "2", "-i", "0.2", "-W", "2", str(dst), check=False).returncode == 0
+
+
+def cfg(**backend: Any) -> Any:
+    return parse_config(json.dumps({"Network": NETWORK, "Backend": {"Type": "host-gw", **backend}}))
+
+
+def external_iface(host: Host, public_ip: IPv4Address | None = None) -> ExternalInterface:
+    link = json.loads(sh(host.netns, "ip", "-j", "link", "show", host.iface).stdout)[0]
+    return ExternalInterface(name=host.iface, index=link["ifindex"], ip=host.address,
+                             public_ip=public_ip or host.address, mtu=link["mtu"])
+
+
+def subnet_of(host: Host) -> IPv4Network:
+    return IPv4Network(f"10.5.{host.index}.0/24")
+
+
+def route_to(peer: Node) -> str:
+    return f"{peer.lease.subnet} via {peer.lease.attrs.public_ip} dev eth0"
+
+
+@dataclass
+class Node:
+    host: Host
+    backend: HostGwBackend
+    lease: Lease
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def ns(self) -> str:
+        return self.host.netns
+
+    @property
+    def container_ns(self) -> str:
+        return self.host.containers[0].netns
+
+    @property
+    def container_ip(self) -> IPv4Address:
+        return self.host.containers[0].address
+
+
+@pytest.fixture
+def lab() -> Iterator[Topology]:
+    with Topology() as topo:
+        topo.build(3)
+        for host in topo.hosts.values():
+            topo.add_containers(host.name, IPv4Interface(f"10.5.{host.index}.1/24"), mtu=1500, count=1)
+        yield topo
+
+
+class Nodes:
+    def __init__(self) -> None:
+        self.nodes: list[Node] = []
+
+    async def start(self, host: Host, *, run: bool = False) -> Node:
+        backend = HostGwBackend(cfg(), external_iface(host), netns=host.netns, resync_interval=FAST)
+        lease = Lease(subnet_of(host), await backend.lease_attrs())
+        await backend.start(lease)
+        node = Node(host, backend, lease)
+        if run:
+            node.task = asyncio.create_task(backend.run())
+        self.nodes.append(node)
+        return node
+
+    async def mesh(self) -> None:
+        for n in self.nodes:
+            await n.backend.apply([m.lease for m in self.nodes if m is not n], [])
+
+
+@pytest.fixture
+async def nodes() -> AsyncIterator[Nodes]:
+    ns = Nodes()
+    try:
+        yield ns
+    finally:
+        for n in ns.nodes:
+            if n.task is not None:
+                n.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await n.task
+            await n.backend.stop()
+
+
+async def resynced(backend: HostGwBackend, rounds: int = 2) -> None:
+    """Until the run() loop has done `rounds` reconciles since this call (one full round after it)."""
+    start = backend.reconciles
+    for _ in range(500):
+        if backend.reconciles >= start + rounds:
+            return
+        await asyncio.sleep(FAST / 4)
+    raise AssertionError("the reconcile loop did not run")
+
+
+# ---- tests ----
+
+
+async def test_routes_match_flanneld_and_containers_talk(lab: Topology, nodes: Nodes) -> None:
+    n1, n2, n3 = [await nodes.start(h) for h in lab.hosts.values()]
+    await nodes.mesh()
+    assert n1.lease.attrs.backend_type == "host-gw" and n1.lease.attrs.backend_data is None
+    assert n1.backend.mtu == 1500
+    for node, peers in ((n1, (n2, n3)), (n2, (n1, n3)), (n3, (n1, n2))):
+        table = routes(node.ns)
+        assert {route_to(p) for p in peers} <= table
+        assert not any(r.startswith(str(node.lease.subnet)) and "eth0" in r for r in table)
+    assert ping(n1.container_ns, n2.container_ip)
+    assert ping(n2.container_ns, n3.container_ip)
+    assert ping(n3.container_ns, n1.container_ip)
+
+
+async def test_refuses_to_start_when_public_ip_is_not_on_the_interface(lab: Topology) -> None:
+    h1 = lab.hosts["h1"]
+    backend = HostGwBackend(cfg(), external_iface(h1, public_ip=IPv4Address("198.51.100.7")), netns=h1.netns)
+    try:
+        with pytest.raises(FlannelError) as err:
+            await backend.lease_attrs()
+        msg = str(err.value)
+        assert "198.51.100.7" in msg and "eth0" in msg and "10.99.0.1/24" in msg
+        assert "--public-ip" in msg
+        with pytest.raises(FlannelError):
+            await backend.start(Lease(subnet_of(h1), LeaseAttrs(IPv4Address("198.51.100.7"), None, "host-gw")))
+    finally:
+        await backend.stop()
+
+
+async def test_host_leaving_and_rejoining(lab: Topology, nodes: Nodes) -> None:
+    n1, n2, n3 = [await nodes.start(h) for h in lab.hosts.values()]
+    await nodes.mesh()
+    assert ping(n1.container_ns, n3.container_ip)
+    for n in (n1, n2):
+        await n.backend.apply([], [n3.lease])
+        assert route_to(n3) not in routes(n.ns)
+    assert not ping(n1.container_ns, n3.container_ip)
+    assert ping(n1.container_ns, n2.container_ip)
+    for n in (n1, n2):
+        await n.backend.apply([n3.lease], [])
+    assert ping(n1.container_ns, n3.container_ip)
+
+
+async def test_deleted_route_comes_back_within_one_resync(lab: Topology, nodes: Nodes) -> None:
+    n1 = await nodes.start(lab.hosts["h1"], run=True)
+    n2 = await nodes.start(lab.hosts["h2"], run=True)
+    await nodes.mesh()
+    sh(n1.ns, "ip", "route", "del", str(n2.lease.subnet))
+    assert route_to(n2) not in routes(n1.ns)
+    await resynced(n1.backend)
+    assert route_to(n2) in routes(n1.ns)
+    # Pointed elsewhere by hand: corrected.
+    sh(n1.ns, "ip", "route", "replace", str(n2.lease.subnet), "via", "10.99.0.3", "dev", "eth0")
+    await resynced(n1.backend)
+    assert route_to(n2) in routes(n1.ns)
+    assert f"{n2.lease.subnet} via 10.99.0.3 dev eth0" not in routes(n1.ns)
+    assert ping(n1.container_ns, n2.container_ip)
+
+
+async def test_stale_route_removed_foreign_routes_untouched(lab: Topology, nodes: Nodes) -> None:
+    n1 = await nodes.start(lab.hosts["h1"])
+    n2 = await nodes.start(lab.hosts["h2"])
+    await nodes.mesh()
+    sh(n1.ns, "ip", "route", "add", "10.5.9.0/24", "via", "10.99.0.9", "dev", "eth0")  # vanished lease
+    foreign = {
+        "172.16.5.0/24 via 10.99.0.2 dev eth0",  # outside the Network
+        "10.5.78.0/24 dev docker0",  # another device
+        "10.5.79.0/25 via 10.99.0.2 dev eth0",  # not a lease-sized route: not one we would install
+    }
+    sh(n1.ns, "ip", "route", "add", "172.16.5.0/24", "via", "10.99.0.2", "dev", "eth0")
+    sh(n1.ns, "ip", "route", "add", "10.5.78.0/24", "dev", "docker0")
+    sh(n1.ns, "ip", "route", "add", "10.5.79.0/25", "via", "10.99.0.2", "dev", "eth0")
+    done = await n1.backend.reconcile()
+    assert [str(r.dst) for r in done.del_routes] == ["10.5.9.0/24"]
+    table = routes(n1.ns)
+    assert "10.5.9.0/24 via 10.99.0.9 dev eth0" not in table
+    assert foreign <= table
+    assert "10.5.1.0/24 dev docker0" in table
+    assert route_to(n2) in table
+
+    # A restarted daemon keeps live routes until it has the lease snapshot, then drops vanished ones.
+    await n1.backend.stop()
+    nodes.nodes.remove(n1)
+    sh(n1.ns, "ip", "route", "add", "10.5.9.0/24", "via", "10.99.0.9", "dev", "eth0")
+    n1b = await nodes.start(lab.hosts["h1"])
+    assert {route_to(n2), "10.5.9.0/24 via 10.99.0.9 dev eth0"} <= routes(n1b.ns)
+    await n1b.backend.apply([n2.lease], [])
+    assert "10.5.9.0/24 via 10.99.0.9 dev eth0" not in routes(n1b.ns)
+    assert route_to(n2) in routes(n1b.ns)
+
+
+async def test_mismatched_backend_and_unreachable_peer_not_routed(lab: Topology, nodes: Nodes) -> None:
+    n1 = await nodes.start(lab.hosts["h1"])
+    n2 = await nodes.start(lab.hosts["h2"])
+    vxlan = Lease(IPv4Network("10.5.40.0/24"), LeaseAttrs(IPv4Address("10.99.0.3"), backend_type="vxlan",
+                                                        backend_data={"VNI": 1, "VtepMAC": "02:00:00:00:00:03"}))
+    udp = Lease(IPv4Network("10.5.41.0/24"), LeaseAttrs(IPv4Address("10.99.0.3")))
+    far = Lease(IPv4Network("10.5.42.0/24"), LeaseAttrs(IPv4Address("192.0.2.7"), backend_type="host-gw"))
+    with capture_logs() as logs:
+        await n1.backend.apply([n2.lease, vxlan, udp, far], [])
+        await n1.backend.reconcile()
+        await n1.backend.reconcile()
+    table = routes(n1.ns)
+    assert route_to(n2) in table
+    for lease in (vxlan, udp, far):
+        assert not any(r.startswith(str(lease.subnet)) for r in table)
+    reports = [e for e in logs if e["event"] == "Lease not routed"]
+    # Each reported once, however many reconciles ran.
+    assert sorted(e["subnet"] for e in reports) == ["10.5.40.0/24", "10.5.41.0/24", "10.5.42.0/24"]
+    far_report = next(e for e in reports if e["subnet"] == "10.5.42.0/24")
+    assert "directly connected" in far_report["reason"] and far_report["public_ip"] == "192.0.2.7"
