@@ -96,13 +96,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     cluster = Cluster(args.hosts, args.containers, backend=args.backend, etcd_prefix=SEED_PREFIX,
                       network=SEED_NETWORK, progress=lambda message: console.log(message))
-    failed = False
+    code = 0
     try:
         with console.status("starting the cluster..."):
             cluster.start()
         with console.status("ping across every pair of hosts..."):
             pings = cluster.ping_across_hosts()
-        failed = any(r.lost for r in pings.values())
+        code = 1 if any(r.lost for r in pings.values()) else 0
         with console.status(f"iperf3 for {args.iperf_seconds:g} s..."):
             hosts = list(cluster.topology.hosts.values())
             result = cluster.iperf3(hosts[0].containers[0], hosts[1].containers[0], seconds=args.iperf_seconds)
@@ -112,15 +112,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             console.input("Press Enter to remove everything... ")
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
-        failed = True
+        code = 130
     except (LabError, EtcdError, OSError) as e:
         console.print(f"[red]flannelpy demo failed: {e}[/]")
-        failed = True
+        code = 1
     finally:
         with console.status("removing hosts, containers, daemons and etcd..."):
             cluster.stop()
         console.log(f"removed everything under {cluster.topology.prefix}-*")
-    return 1 if failed else 0
+    return code
 
 
 if __name__ == "__main__":
