@@ -87,3 +87,15 @@ async def test_apply_turns_udp_leases_into_routes(kind: str) -> None:
 def test_counters_before_start_are_zero() -> None:
     counts = backend().counters()
     assert counts["encap_packets"] == 0 and "decap_drop_unknown_sender" in counts
+
+
+def test_batch_by_argument_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert backend().batch == 64
+    assert backend(batch=1).batch == 1
+    monkeypatch.setenv("FLANNELPY_BATCH", "8")
+    assert backend().batch == 8
+    monkeypatch.setenv("FLANNELPY_BATCH", "lots")
+    with pytest.raises(ValueError, match="FLANNELPY_BATCH"):
+        backend()
+    with pytest.raises(ValueError, match=r"1\.\.1024"):
+        backend(batch=5000)

@@ -3,6 +3,14 @@
 The control plane (this module, on the event loop) and the data path (two threads running the
 compiled loops without the GIL) meet in one place: the RouteTable. apply() writes single slots in
 it while the loops run; nothing is stopped or restarted for a route change.
+
+A destination in the network with no lease is answered with ICMP net unreachable written into the
+TUN, sourced from that destination (flanneld sources it from flannel0's own address, which the kernel
+drops as a martian). Linux treats type 3 code 0 as a soft error: TCP connect() fails at once with
+ENETUNREACH; a connected UDP socket sees it when IP_RECVERR is set (as glibc's resolver does).
+
+FLANNELPY_DATAPATH=compiled|python and FLANNELPY_BATCH=1..1024 (packets per wake-up) select the data
+path, for benchmarks; the constructor's datapath= and batch= take precedence.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from typing import Any
 import structlog
 
 from flannelpy.backend.base import Backend, ExternalInterface
-from flannelpy.backend.udp.datapath import DEFAULT_BATCH, Datapath, choose_datapath, core_module, make_datapath
+from flannelpy.backend.udp.datapath import Datapath, choose_batch, choose_datapath, core_module, make_datapath
 from flannelpy.backend.udp.device import TunDevice
 from flannelpy.config import NetworkConfig
 from flannelpy.errors import ConfigError, FlannelError
@@ -38,14 +46,14 @@ class UdpBackend(Backend):
     type = "udp"
 
     def __init__(self, config: NetworkConfig, iface: ExternalInterface, *, datapath: str | None = None,
-                 tun_name: str = "flannel0", batch: int = DEFAULT_BATCH) -> None:
+                 tun_name: str = "flannel0", batch: int | None = None) -> None:
         super().__init__(config, iface)
         if config.network is None:
             raise ConfigError("the udp backend needs an IPv4 Network in the config (EnableIPv4 with Network)")
         self.network: IPv4Network = config.network
         self.datapath_kind = choose_datapath(datapath)
         self.tun_name = tun_name
-        self.batch = batch
+        self.batch = choose_batch(batch)
         self.port = config.backend.port
         mod = core_module(self.datapath_kind)
         self.table = mod.RouteTable(int(self.network.network_address), self.network.prefixlen,

@@ -35,6 +35,18 @@ def choose_datapath(kind: str | None) -> str:
     return value
 
 
+def choose_batch(batch: int | None) -> int:
+    """Packets per wake-up: the argument, else FLANNELPY_BATCH, else 64 (1 = one packet per system call)."""
+    raw = batch if batch is not None else os.environ.get("FLANNELPY_BATCH") or DEFAULT_BATCH
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"FLANNELPY_BATCH={raw!r} is not a number: use 1..1024") from None
+    if not 1 <= value <= 1024:
+        raise ValueError(f"batch={value} out of range: use 1..1024 (FLANNELPY_BATCH)")
+    return value
+
+
 def core_module(kind: str) -> Any:
     """fastpath.core for the compiled data path, flannelpy.packet for the Python one."""
     if kind == "python":
