@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -38,6 +39,17 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 @dataclass(frozen=True)
+class EtcdTLS:
+    """Serve clients over TLS and require a client certificate signed by ca_file."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    client_cert_file: Path | None = None  # used by the health check
+    client_key_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class EtcdMemberSpec:
     name: str
     ip: str
@@ -48,6 +60,10 @@ class EtcdMemberSpec:
     @property
     def client_url(self) -> str:
         return f"http://{self.ip}:{self.client_port}"
+
+    @property
+    def client_url_tls(self) -> str:
+        return f"https://{self.ip}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -62,7 +78,7 @@ class EtcdCluster:
     """One or more etcd members. Use as a context manager, or call start()/stop()."""
 
     def __init__(self, workdir: Path, members: list[EtcdMemberSpec], *, heartbeat_ms: int = 100,
-                 election_ms: int = 1000, token: str | None = None) -> None:
+                 election_ms: int = 1000, token: str | None = None, tls: EtcdTLS | None = None) -> None:
         if not members:
             raise ValueError("an etcd cluster needs at least one member")
         names = [m.name for m in members]
@@ -72,6 +88,7 @@ class EtcdCluster:
         self.members = list(members)
         self.heartbeat_ms = heartbeat_ms
         self.election_ms = election_ms
+        self.tls = tls
         self.token = token or f"fp-{os.getpid()}-{int(time.time() * 1000) % 100000}"
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -86,7 +103,10 @@ class EtcdCluster:
 
     @property
     def endpoints(self) -> list[str]:
-        return [m.client_url for m in self.members]
+        return [self._client_url(m) for m in self.members]
+
+    def _client_url(self, m: EtcdMemberSpec) -> str:
+        return m.client_url_tls if self.tls else m.client_url
 
     def member(self, name: str) -> EtcdMemberSpec:
         for m in self.members:
@@ -107,8 +127,8 @@ class EtcdCluster:
             ETCD_BINARY,
             "--name", m.name,
             "--data-dir", str(self.data_dir(m.name)),
-            "--listen-client-urls", m.client_url,
-            "--advertise-client-urls", m.client_url,
+            "--listen-client-urls", self._client_url(m),
+            "--advertise-client-urls", self._client_url(m),
             "--listen-peer-urls", m.peer_url,
             "--initial-advertise-peer-urls", m.peer_url,
             "--initial-cluster", initial,
@@ -119,6 +139,9 @@ class EtcdCluster:
             "--log-level", "error",
             "--logger", "zap",
         ]
+        if self.tls:
+            cmd += ["--cert-file", str(self.tls.cert_file), "--key-file", str(self.tls.key_file),
+                    "--trusted-ca-file", str(self.tls.ca_file), "--client-cert-auth"]
         if m.netns:
             cmd = ["ip", "netns", "exec", m.netns, *cmd]
         return cmd
@@ -134,7 +157,7 @@ class EtcdCluster:
         finally:
             logf.close()
         self._procs[m.name] = proc
-        log.debug("etcd member started", member=m.name, pid=proc.pid, client=m.client_url)
+        log.debug("etcd member started", member=m.name, pid=proc.pid, client=self._client_url(m))
 
     def start(self, timeout: float = 20.0) -> None:
         """Start every member and wait until each answers /health with "true"."""
@@ -180,8 +203,13 @@ class EtcdCluster:
                                 "--command-timeout", "1s", "endpoint", "health"],
                                capture_output=True, env={**os.environ, "ETCDCTL_API": "3"}, check=False)
             return r.returncode == 0
+        context = None
+        if self.tls:
+            context = ssl.create_default_context(cafile=str(self.tls.ca_file))
+            if self.tls.client_cert_file:
+                context.load_cert_chain(str(self.tls.client_cert_file), str(self.tls.client_key_file))
         try:
-            with urllib.request.urlopen(f"{m.client_url}/health", timeout=1.0) as resp:
+            with urllib.request.urlopen(f"{self._client_url(m)}/health", timeout=1.0, context=context) as resp:
                 return b'"true"' in resp.read()
         except (urllib.error.URLError, OSError, ValueError):
             return False

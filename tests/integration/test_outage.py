@@ -1,0 +1,151 @@
+"""etcd going away under a running control plane: stopped and restarted, compacted while we were cut off,
+a frozen member in a three-member cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from structlog.testing import capture_logs
+
+from flannelpy.config import NetworkConfig
+from flannelpy.lab.etcd import EtcdCluster, EtcdMemberSpec, free_port
+from flannelpy.subnet.lease import Lease
+from flannelpy.subnet.manager import SubnetManager
+from flannelpy.subnet.registry import EtcdRegistry
+from tests.integration.conftest import TcpProxy, etcdctl
+from tests.integration.test_leases import CONFIG_JSON, host
+
+Diff = tuple[list[Lease], list[Lease]]
+
+
+async def next_diff(it: AsyncIterator[Diff], timeout: float = 60) -> tuple[list[str], list[str]]:
+    added, removed = await asyncio.wait_for(it.__anext__(), timeout)
+    return [str(le.subnet) for le in added], [str(le.subnet) for le in removed]
+
+
+async def claim(endpoints: list[str], prefix: str, config: NetworkConfig, n: int) -> Lease:
+    """Another host claims a subnet over its own connection."""
+    reg = EtcdRegistry(endpoints)
+    try:
+        return await SubnetManager(reg, prefix).acquire_lease(config, host(n))
+    finally:
+        await reg.close()
+
+
+async def wait_for_log(logs: list[dict[str, object]], event: str, after: int, timeout: float = 60) -> None:
+    for _ in range(int(timeout * 10)):
+        if any(str(e["event"]).startswith(event) for e in logs[after:]):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no {event!r} log line after the outage")
+
+
+async def test_etcd_stopped_and_started_again(private_etcd: EtcdCluster, prefix: str) -> None:
+    etcdctl(private_etcd, "put", f"{prefix}/config", CONFIG_JSON)
+    reg = EtcdRegistry(private_etcd.endpoints)
+    # Renewal due 10 s after the claim, so it falls inside the outage; failures retried every 2 s.
+    m = SubnetManager(reg, prefix, lease_ttl=60, renew_margin=50, renew_retry=2)
+    config = await m.get_network_config()
+    lease = await m.acquire_lease(config, host(1))
+    it = m.watch_leases(config, lease)
+    keeper = asyncio.create_task(m.keep_lease(lease))
+    try:
+        assert await next_diff(it) == ([], [])
+        with capture_logs() as logs:
+            private_etcd.kill_member("etcd0")
+            await asyncio.sleep(25)
+            private_etcd.start_member("etcd0")
+            restarted = len(logs)
+            other = await claim(private_etcd.endpoints, prefix, config, 2)  # added while we reconnect
+            assert await next_diff(it) == ([str(other.subnet)], [])
+            await wait_for_log(logs, "Lease renewed", after=restarted)
+        assert any(str(e["event"]).startswith("Lease renewal failed") for e in logs)  # it did try meanwhile
+        assert not keeper.done()
+        assert reg.reconnects >= 1 and reg.last_success is not None
+        # Still the same etcd lease, refreshed, and our key still on it.
+        ttl = etcdctl(private_etcd, "lease", "timetolive", f"{lease.etcd_lease_id:x}", "--keys")
+        assert f"{prefix}/subnets/{lease.key}" in ttl
+    finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
+        await it.aclose()
+        await reg.close()
+
+
+async def test_compaction_while_cut_off_relists_with_a_correct_diff(private_etcd: EtcdCluster,
+                                                                    prefix: str) -> None:
+    etcdctl(private_etcd, "put", f"{prefix}/config", CONFIG_JSON)
+    host_port = private_etcd.endpoints[0].rsplit(":", 1)
+    proxy = TcpProxy("127.0.0.1", int(host_port[1]))
+    await proxy.start()
+    reg = EtcdRegistry([proxy.endpoint], max_backoff=1.0)
+    direct = EtcdRegistry(private_etcd.endpoints)
+    try:
+        m = SubnetManager(reg, prefix)
+        config = await m.get_network_config()
+        two = await claim(private_etcd.endpoints, prefix, config, 2)
+        three = await claim(private_etcd.endpoints, prefix, config, 3)
+        lease = await m.acquire_lease(config, host(1))
+        it = m.watch_leases(config, lease)
+        assert sorted((await next_diff(it))[0]) == sorted([str(two.subnet), str(three.subnet)])
+        await proxy.stop()  # we are cut off; etcd runs on
+        etcdctl(private_etcd, "del", f"{prefix}/subnets/{two.key}")
+        four = await claim(private_etcd.endpoints, prefix, config, 4)
+        _, revision = await direct.list_prefix(prefix)
+        await direct.compact(revision)
+        with capture_logs() as logs:
+            await proxy.start()
+            assert await next_diff(it) == ([str(four.subnet)], [str(two.subnet)])
+        assert any("compacted" in str(e["event"]) for e in logs)
+        await it.aclose()
+    finally:
+        await proxy.stop()
+        await reg.close()
+        await direct.close()
+
+
+async def test_frozen_member_is_left_for_another(tmp_path: Path, prefix: str) -> None:
+    members = [EtcdMemberSpec(f"m{i}", "127.0.0.1", free_port(), free_port()) for i in range(3)]
+    with EtcdCluster(tmp_path / "etcd", members) as cluster:
+        etcdctl(cluster, "put", f"{prefix}/config", CONFIG_JSON)
+        reg = EtcdRegistry(cluster.endpoints, dial_timeout=2, request_timeout=2)
+        try:
+            m = SubnetManager(reg, prefix)
+            config = await m.get_network_config()
+            lease = await m.acquire_lease(config, host(1))
+            it = m.watch_leases(config, lease)
+            assert await next_diff(it) == ([], [])
+            assert reg.endpoint == cluster.endpoints[0]
+            cluster.pause_member("m0")  # SIGSTOP: its sockets stay open but nothing answers
+            try:
+                other = await claim(cluster.endpoints[1:], prefix, config, 2)
+                assert await next_diff(it) == ([str(other.subnet)], [])  # the watch moved on
+                leases = await m.list_leases()  # and so do plain requests
+                assert {le.subnet for le in leases} == {lease.subnet, other.subnet}
+                assert reg.endpoint != cluster.endpoints[0]
+            finally:
+                cluster.resume_member("m0")
+            await it.aclose()
+        finally:
+            await reg.close()
+
+
+async def test_config_wait_survives_etcd_being_down(private_etcd: EtcdCluster, prefix: str) -> None:
+    reg = EtcdRegistry(private_etcd.endpoints)
+    try:
+        m = SubnetManager(reg, prefix)
+        task = asyncio.create_task(m.get_network_config())
+        await asyncio.sleep(1.5)
+        private_etcd.kill_member("etcd0")
+        await asyncio.sleep(3)
+        private_etcd.start_member("etcd0")
+        assert not task.done()  # still waiting for the config, not crashed
+        etcdctl(private_etcd, "put", f"{prefix}/config", CONFIG_JSON)
+        config = await asyncio.wait_for(task, 30)
+        assert str(config.network) == "10.5.0.0/16"
+    finally:
+        await reg.close()
