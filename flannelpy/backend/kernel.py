@@ -100,7 +100,7 @@ class KernelBackend(Backend, abc.ABC):
                           retry_in=self.resync_interval)
 
     async def stop(self) -> None:
-        self.nl.close()
+        await self.nl.close()
 
     # ---- reconciliation ----
 

@@ -1,5 +1,8 @@
 """rtnetlink for the kernel backends, through pyroute2's asyncio API (never `ip` or `bridge`).
 
+Every method runs on flannelpy.netlink's loop (a stock asyncio loop in its own thread) and may be awaited
+from any loop, uvloop included.
+
 `Netlink` reads and writes links, IPv4 addresses, main-table routes, neighbours and VXLAN fdb entries,
 turning pyroute2's messages into the plain values of flannelpy.backend.reconcile. It opens one
 rtnetlink socket (in a named network namespace when given: tests run several hosts in one process) and
@@ -11,13 +14,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import os
 import socket
 import threading
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -32,6 +36,22 @@ from flannelpy.backend.reconcile import (
     Plan,
     Route,
 )
+from flannelpy.netlink import run_netlink
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def on_netlink_loop(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Run the coroutine on the process's netlink loop (flannelpy.netlink): uvloop cannot host netlink
+    sockets, so the socket lives on a stock asyncio loop in its own thread whatever loop the caller has."""
+
+    @functools.wraps(fn)
+    async def on_loop(*args: P.args, **kwargs: P.kwargs) -> T:
+        return await run_netlink(fn(*args, **kwargs))
+
+    return on_loop
+
 
 RTNH_F_ONLINK = 0x04
 CLONE_NEWNET = 0x40000000
@@ -88,6 +108,7 @@ class Netlink:
         self.netns = netns
         self._ipr: AsyncIPRoute | None = None
 
+    @on_netlink_loop
     async def open(self) -> Netlink:
         if self._ipr is None:
             if self.netns is None:
@@ -100,7 +121,8 @@ class Netlink:
             self._ipr = ipr
         return self
 
-    def close(self) -> None:
+    @on_netlink_loop
+    async def close(self) -> None:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
@@ -109,7 +131,7 @@ class Netlink:
         return await self.open()
 
     async def __aexit__(self, *exc: object) -> None:
-        self.close()
+        await self.close()
 
     @property
     def ipr(self) -> AsyncIPRoute:
@@ -119,6 +141,7 @@ class Netlink:
 
     # ---- links ----
 
+    @on_netlink_loop
     async def link(self, name: str) -> Link | None:
         try:
             msgs = await self.ipr.link("get", ifname=name)
@@ -128,6 +151,7 @@ class Netlink:
             raise
         return _link(msgs[0]) if msgs else None
 
+    @on_netlink_loop
     async def link_by_index(self, index: int) -> Link | None:
         try:
             msgs = await self.ipr.link("get", index=index)
@@ -137,6 +161,7 @@ class Netlink:
             raise
         return _link(msgs[0]) if msgs else None
 
+    @on_netlink_loop
     async def create_vxlan(self, spec: VxlanSpec, mac: str | None = None) -> Link:
         kwargs: dict[str, Any] = {
             "ifname": spec.name,
@@ -158,6 +183,7 @@ class Netlink:
             raise RuntimeError(f"VXLAN device {spec.name} vanished right after it was created")
         return link
 
+    @on_netlink_loop
     async def delete_link(self, index: int) -> None:
         try:
             await self.ipr.link("del", index=index)
@@ -165,6 +191,7 @@ class Netlink:
             if not is_gone(e):
                 raise
 
+    @on_netlink_loop
     async def set_link(self, index: int, *, mtu: int | None = None, up: bool | None = None) -> None:
         kwargs: dict[str, Any] = {"index": index}
         if mtu is not None:
@@ -175,6 +202,7 @@ class Netlink:
 
     # ---- addresses ----
 
+    @on_netlink_loop
     async def ipv4_addresses(self, index: int) -> list[IPv4Interface]:
         out: list[IPv4Interface] = []
         async for msg in await self.ipr.addr("dump", family=socket.AF_INET):
@@ -185,6 +213,7 @@ class Netlink:
                 out.append(IPv4Interface(f"{addr}/{msg['prefixlen']}"))
         return out
 
+    @on_netlink_loop
     async def add_address(self, index: int, addr: IPv4Interface) -> None:
         try:
             await self.ipr.addr("add", index=index, address=str(addr.ip), prefixlen=addr.network.prefixlen)
@@ -192,6 +221,7 @@ class Netlink:
             if e.code != errno.EEXIST:
                 raise
 
+    @on_netlink_loop
     async def delete_address(self, index: int, addr: IPv4Interface) -> None:
         try:
             await self.ipr.addr("del", index=index, address=str(addr.ip), prefixlen=addr.network.prefixlen)
@@ -201,6 +231,7 @@ class Netlink:
 
     # ---- routes (IPv4, main table, unicast, single next hop) ----
 
+    @on_netlink_loop
     async def routes(self) -> list[Route]:
         out: list[Route] = []
         async for msg in await self.ipr.route("dump", family=socket.AF_INET):
@@ -222,6 +253,7 @@ class Netlink:
             ))
         return out
 
+    @on_netlink_loop
     async def replace_route(self, route: Route) -> None:
         kwargs: dict[str, Any] = {
             "dst": str(route.dst),
@@ -237,6 +269,7 @@ class Netlink:
             kwargs["priority"] = route.priority
         await self.ipr.route("replace", **kwargs)
 
+    @on_netlink_loop
     async def delete_route(self, route: Route) -> None:
         kwargs: dict[str, Any] = {"dst": str(route.dst), "oif": route.ifindex, "table": RT_TABLE_MAIN}
         if route.gateway is not None:
@@ -251,6 +284,7 @@ class Netlink:
 
     # ---- neighbours (ARP) ----
 
+    @on_netlink_loop
     async def neighbours(self, ifindex: int) -> list[Neighbour]:
         out: list[Neighbour] = []
         async for msg in await self.ipr.neigh("dump", family=socket.AF_INET):
@@ -263,10 +297,12 @@ class Netlink:
                                  permanent=bool(msg["state"] & NUD_PERMANENT)))
         return out
 
+    @on_netlink_loop
     async def replace_neighbour(self, neigh: Neighbour) -> None:
         await self.ipr.neigh("replace", ifindex=neigh.ifindex, dst=str(neigh.ip), lladdr=neigh.mac,
                              state=NUD_PERMANENT, family=socket.AF_INET)
 
+    @on_netlink_loop
     async def delete_neighbour(self, neigh: Neighbour) -> None:
         try:
             await self.ipr.neigh("del", ifindex=neigh.ifindex, dst=str(neigh.ip), family=socket.AF_INET)
@@ -276,6 +312,7 @@ class Netlink:
 
     # ---- VXLAN forwarding database ----
 
+    @on_netlink_loop
     async def fdb(self, ifindex: int) -> list[FdbEntry]:
         out: list[FdbEntry] = []
         async for msg in await self.ipr.fdb("dump", ifindex=ifindex):
@@ -287,11 +324,13 @@ class Netlink:
             out.append(FdbEntry(mac.lower(), IPv4Address(dst), ifindex))
         return out
 
+    @on_netlink_loop
     async def replace_fdb(self, entry: FdbEntry) -> None:
         # As flanneld: NeighSet(AF_BRIDGE, NTF_SELF, NUD_PERMANENT), so `bridge fdb` shows "self permanent".
         await self.ipr.neigh("replace", family=socket.AF_BRIDGE, ifindex=entry.ifindex, lladdr=entry.mac,
                              dst=str(entry.dst), state=NUD_PERMANENT, flags=NTF_SELF)
 
+    @on_netlink_loop
     async def delete_fdb(self, entry: FdbEntry) -> None:
         try:
             await self.ipr.neigh("del", family=socket.AF_BRIDGE, ifindex=entry.ifindex, lladdr=entry.mac,
@@ -373,6 +412,7 @@ def _link(msg: Any) -> Link:
 
 
 
+@on_netlink_loop
 async def execute_plan(nl: Netlink, plan: Plan) -> list[str]:
     """Carry out a reconcile plan: deletions first (routes before the entries they use), then additions
     (fdb and neighbours before the routes that need them). One failed entry does not stop the rest;

@@ -46,7 +46,7 @@ class HostGwBackend(KernelBackend):
             for r in await self.nl.routes():
                 if owner.owns_route(r):
                     await self.nl.delete_route(r)
-        self.nl.close()
+        await self.nl.close()
 
     async def _check_public_ip(self) -> None:
         await self._check_iface()

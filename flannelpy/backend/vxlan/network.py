@@ -100,7 +100,7 @@ class VxlanBackend(KernelBackend):
                 for r in await self.nl.routes():
                     if owner.owns_route(r):
                         await self.nl.delete_route(r)
-        self.nl.close()
+        await self.nl.close()
 
     # ---- device ----
 
