@@ -220,7 +220,7 @@ async def test_missing_config_hint_names_a_custom_prefix(reg: MemoryRegistry, cl
     m = SubnetManager(reg, "/flannel_use/network/", clock=clock, sleep=clock.sleep)
     assert m.config_key == "/flannel_use/network/config"
     assert "etcdctl put /flannel_use/network/config" in m._config_hint()
-    assert "--etcd-prefix /flannel_use/network" in m._config_hint()
+    assert "flannelpy config set --etcd-prefix=/flannel_use/network" in m._config_hint()
 
 
 async def test_invalid_config_in_store_is_a_config_error(reg: MemoryRegistry, clock: FakeClock) -> None:
