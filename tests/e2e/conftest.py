@@ -37,8 +37,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.skip(reason=reason))
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """Three hosts x two containers, the seed tutorial's config (udp backend) under /flannel_use/network."""
-    with Cluster(hosts=3, containers_per_host=2, workdir=tmp_path_factory.mktemp("cluster")) as c:
+@pytest.fixture(scope="module", params=["udp", "vxlan", "host-gw"])
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Three hosts x two containers under /flannel_use/network, 10.10.0.0/16. For udp the config is exactly
+    the seed tutorial's ({"Network":"10.10.0.0/16"}: no Backend, so udp)."""
+    backend = request.param
+    workdir = tmp_path_factory.mktemp(f"cluster-{backend}")
+    with Cluster(hosts=3, containers_per_host=2, backend=backend, workdir=workdir) as c:
         yield c

@@ -1,5 +1,5 @@
-"""The seed tutorial's cluster on one machine: containers on different hosts talk through flannelpy's udp
-backend, bytes arrive intact, and hosts join and leave while traffic flows."""
+"""The seed tutorial's cluster on one machine: containers on different hosts talk through flannelpy (udp, and
+the vxlan and host-gw backends too), bytes arrive intact, and hosts join and leave while traffic flows."""
 
 from __future__ import annotations
 
@@ -8,10 +8,16 @@ from ipaddress import IPv4Network
 
 from flannelpy.lab.cluster import SEED_PREFIX, Cluster
 
+# Interface MTU 1500 minus the encapsulation: IPv4 + UDP for udp, + VXLAN + inner Ethernet for vxlan.
+MTU = {"udp": 1472, "vxlan": 1450, "host-gw": 1500}
 
-def test_seed_config_under_flannel_use_prefix_gives_each_host_its_own_subnet(cluster: Cluster) -> None:
+
+def test_config_under_flannel_use_prefix_gives_each_host_its_own_subnet(cluster: Cluster) -> None:
     config = json.loads(cluster.etcdctl("get", "--print-value-only", f"{SEED_PREFIX}/config"))
-    assert config == {"Network": "10.10.0.0/16"}
+    if cluster.backend == "udp":
+        assert config == {"Network": "10.10.0.0/16"}  # the seed tutorial's config, unchanged
+    else:
+        assert config == {"Network": "10.10.0.0/16", "Backend": {"Type": cluster.backend}}
     leases = cluster.leases()
     hosts = list(cluster.topology.hosts.values())
     subnets = []
@@ -20,8 +26,10 @@ def test_seed_config_under_flannel_use_prefix_gives_each_host_its_own_subnet(clu
         assert env.network == IPv4Network("10.10.0.0/16")
         assert env.subnet.network.subnet_of(env.network) and env.subnet.network.prefixlen == 24
         assert env.subnet.ip == env.subnet.network.network_address + 1  # Docker's --bip
-        assert env.mtu == 1500 - 28  # udp: interface MTU minus IPv4 + UDP headers
-        assert leases[env.subnet.network]["PublicIP"] == str(host.address)
+        assert env.mtu == MTU[cluster.backend]
+        lease = leases[env.subnet.network]
+        assert lease["PublicIP"] == str(host.address)
+        assert lease.get("BackendType", "udp") == cluster.backend  # flanneld's udp leases carry no type
         subnets.append(env.subnet.network)
     assert len(set(subnets)) == len(hosts)
     assert set(leases) == set(subnets)
@@ -58,8 +66,9 @@ def test_host_joins_and_leaves_while_traffic_flows(cluster: Cluster) -> None:
 
         gone = cluster.remove_host("h4")
         assert gone is not None and gone not in cluster.leases()
-        # The leaver's subnet now has no lease: flannelpy on h1 answers "net unreachable" and the
-        # container's connected UDP socket learns it.
+        # The leaver's subnet now has no lease: h1 answers "net unreachable" (udp: flannelpy's data path;
+        # vxlan and host-gw: the kernel, once flannelpy removed the route) and the container's connected
+        # UDP socket learns it.
         error = cluster.udp_unreachable(cluster.container("h1-c2"), gone.network_address + 2, timeout=15)
         assert error == "ENETUNREACH"
     finally:
