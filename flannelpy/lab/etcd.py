@@ -19,6 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import structlog
 
@@ -78,7 +79,8 @@ class EtcdCluster:
     """One or more etcd members. Use as a context manager, or call start()/stop()."""
 
     def __init__(self, workdir: Path, members: list[EtcdMemberSpec], *, heartbeat_ms: int = 100,
-                 election_ms: int = 1000, token: str | None = None, tls: EtcdTLS | None = None) -> None:
+                 election_ms: int = 1000, token: str | None = None, tls: EtcdTLS | None = None,
+                 extra_args: list[str] | None = None) -> None:
         if not members:
             raise ValueError("an etcd cluster needs at least one member")
         names = [m.name for m in members]
@@ -89,17 +91,18 @@ class EtcdCluster:
         self.heartbeat_ms = heartbeat_ms
         self.election_ms = election_ms
         self.tls = tls
+        self.extra_args = list(extra_args or [])
         self.token = token or f"fp-{os.getpid()}-{int(time.time() * 1000) % 100000}"
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
     @classmethod
-    def local(cls, workdir: Path, name: str = "etcd0") -> EtcdCluster:
+    def local(cls, workdir: Path, name: str = "etcd0", **kwargs: Any) -> EtcdCluster:
         """One member on 127.0.0.1 with free client and peer ports."""
         client = free_port()
         peer = free_port()
         while peer == client:
             peer = free_port()
-        return cls(workdir, [EtcdMemberSpec(name, "127.0.0.1", client, peer)])
+        return cls(workdir, [EtcdMemberSpec(name, "127.0.0.1", client, peer)], **kwargs)
 
     @property
     def endpoints(self) -> list[str]:
@@ -142,6 +145,7 @@ class EtcdCluster:
         if self.tls:
             cmd += ["--cert-file", str(self.tls.cert_file), "--key-file", str(self.tls.key_file),
                     "--trusted-ca-file", str(self.tls.ca_file), "--client-cert-auth"]
+        cmd += self.extra_args
         if m.netns:
             cmd = ["ip", "netns", "exec", m.netns, *cmd]
         return cmd
