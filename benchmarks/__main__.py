@@ -22,8 +22,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("verb", nargs="?", default="all", choices=VERBS, help="what to run (default: all)")
     p.add_argument("--quick", action="store_true", help="one repetition, one second per measurement (smoke test)")
     p.add_argument("--reps", type=int, default=None, help="repetitions per measurement (default 3; --quick: 1)")
-    p.add_argument("--duration", type=float, default=None, help="seconds per iperf3 test (default 5; --quick: 1)")
-    p.add_argument("--ping-count", type=int, default=None, help="pings at 10 ms per RTT measurement (default 400)")
+    p.add_argument("--duration", type=float, default=None, help="seconds per iperf3 test (default 4; --quick: 1)")
+    p.add_argument("--ping-count", type=int, default=None,
+                   help="pings at 10 ms per RTT measurement (default 300; --quick: 100)")
     p.add_argument("--configs", default="", help="comma-separated data-path configurations (default: all), e.g. "
                    "raw-veth,kernel-vxlan,flannelpy-host-gw,flannelpy-vxlan,flannelpy-udp-compiled,"
                    "flannelpy-udp-python,flanneld-udp,flanneld-vxlan")

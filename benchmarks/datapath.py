@@ -25,8 +25,8 @@ REFERENCES = {"ratio_to_raw_veth": "raw-veth", "ratio_to_kernel_vxlan": "kernel-
 @dataclass
 class Params:
     reps: int = 3
-    duration: float = 5.0  # seconds per iperf3 test
-    ping_count: int = 400
+    duration: float = 4.0  # seconds per iperf3 test
+    ping_count: int = 300
     ping_interval: float = 0.01
     quick: bool = False
     only: tuple[str, ...] = ()  # configuration names; empty: all

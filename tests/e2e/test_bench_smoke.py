@@ -38,7 +38,7 @@ pytestmark = [
 
 def _implemented(backend: str) -> str | None:
     """None when the backend (and for udp the compiled fast path) can be imported here, else why not."""
-    code = ("from flannelpy.backend.base import backend_class; backend_class(%r)" % backend
+    code = (f"from flannelpy.backend.base import backend_class; backend_class({backend!r})"
             + ("; import fastpath.io, fastpath.core" if backend == "udp" else ""))
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
