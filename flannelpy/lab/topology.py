@@ -86,15 +86,6 @@ def list_namespaces(prefix: str) -> list[str]:
     return [n for n in names if n.startswith(prefix + "-")]
 
 
-def sweep(prefix: str) -> list[str]:
-    """Remove every namespace a run with `prefix` left behind (after a crash the run could not clean up)."""
-    names = list_namespaces(prefix)
-    for name in names:
-        kill_netns_processes(name)
-        run(["ip", "netns", "del", name], check=False)
-    return names
-
-
 @dataclass
 class Container:
     name: str  # short name, e.g. "h1-c1"
@@ -197,10 +188,6 @@ class Topology:
         for netns in reversed(self._created):
             kill_netns_processes(netns)
         for netns in reversed(self._created):
-            run(["ip", "netns", "del", netns], check=False)
-        left = list_namespaces(self.prefix)
-        for netns in left:  # created by a command that failed after making the namespace
-            kill_netns_processes(netns)
             run(["ip", "netns", "del", netns], check=False)
         if self._created:
             log.info("lab topology removed", prefix=self.prefix, namespaces=len(self._created))
