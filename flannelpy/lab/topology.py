@@ -43,7 +43,7 @@ class LabError(RuntimeError):
 
 
 def new_prefix() -> str:
-    """Unique per run and short enough that `<prefix>-h12` still fits a 15-byte interface name."""
+    """Unique per run (PID and random bits), so concurrent runs never share a namespace name."""
     return f"fp{os.getpid() % 10000}{secrets.token_hex(2)}"
 
 
