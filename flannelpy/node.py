@@ -20,7 +20,7 @@ from flannelpy.backend.base import Backend, ExternalInterface, create_backend
 from flannelpy.config import NetworkConfig
 from flannelpy.routes import RouteTable
 from flannelpy.subnet.lease import Lease
-from flannelpy.subnet.manager import SubnetManager
+from flannelpy.subnet.manager import RENEW_RETRY, SubnetManager
 from flannelpy.subnet.registry import Registry
 
 log = structlog.get_logger()
@@ -73,6 +73,18 @@ class EventStream:
         await self.aclose()
 
 
+def renew_timing(lease_ttl: float, margin: float) -> tuple[float, float]:
+    """(renew margin, retry interval) in seconds for a lease TTL.
+
+    The margin flag counts whole minutes (at least 1), so a test-only --subnet-lease-ttl of seconds is
+    below it: such a lease is renewed when two thirds of its TTL are left and a failed renewal is retried
+    every tenth of the TTL (at least 1 s), so a lease outlives a few failed renewals.
+    """
+    if margin < lease_ttl:
+        return margin, RENEW_RETRY
+    return lease_ttl * 2 / 3, max(1.0, min(RENEW_RETRY, lease_ttl / 10))
+
+
 class Node:
     """Runs one host's share of the overlay. Start it, read its state, stop it.
 
@@ -93,11 +105,13 @@ class Node:
         self.registry = registry
         self.iface = iface
         self.options = options or NodeOptions()
+        margin, retry = renew_timing(self.options.lease_ttl, self.options.renew_margin_minutes * 60.0)
         self.manager = SubnetManager(
             registry,
             self.options.prefix,
             lease_ttl=self.options.lease_ttl,
-            renew_margin=self.options.renew_margin_minutes * 60.0,
+            renew_margin=margin,
+            renew_retry=retry,
         )
         self._backend_factory = backend_factory or create_backend
         self.config: NetworkConfig | None = None
