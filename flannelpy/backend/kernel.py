@@ -55,6 +55,7 @@ class KernelBackend(Backend, abc.ABC):
         self._lock = asyncio.Lock()
         self._synced = False
         self._reported: set[tuple[IPv4Network, str]] = set()
+        self._failures: set[str] = set()
         self.reconciles = 0
         self.last_plan: Plan | None = None
         if config.enable_ipv6:
@@ -124,7 +125,9 @@ class KernelBackend(Backend, abc.ABC):
             self.reconciles += 1
             self.last_plan = todo
         for line in failures:
-            log.error("Could not program kernel entry", backend=self.type, failure=line)
+            if line not in self._failures:  # once while it persists, not every resync
+                log.error("Could not program kernel entry", backend=self.type, failure=line)
+        self._failures = set(failures)
         if not todo.empty:
             log.info("Reconciled kernel state", backend=self.type, **todo.summary())
             for r in todo.del_routes:

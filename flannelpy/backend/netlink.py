@@ -28,6 +28,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from flannelpy.backend.reconcile import (
     NTF_SELF,
+    NUD_NOARP,
     NUD_PERMANENT,
     RT_TABLE_MAIN,
     RTPROT_BOOT,
@@ -254,7 +255,9 @@ class Netlink:
         return out
 
     @on_netlink_loop
-    async def replace_route(self, route: Route) -> None:
+    async def add_route(self, route: Route) -> None:
+        """Create, never replace: a route to the same destination on another device is not ours to clobber
+        (the kernel answers EEXIST and the conflict is reported)."""
         kwargs: dict[str, Any] = {
             "dst": str(route.dst),
             "oif": route.ifindex,
@@ -267,7 +270,7 @@ class Netlink:
             kwargs["flags"] = RTNH_F_ONLINK
         if route.priority:
             kwargs["priority"] = route.priority
-        await self.ipr.route("replace", **kwargs)
+        await self.ipr.route("add", **kwargs)
 
     @on_netlink_loop
     async def delete_route(self, route: Route) -> None:
@@ -321,7 +324,8 @@ class Netlink:
             mac, dst = msg.get("NDA_LLADDR"), msg.get("NDA_DST")
             if not mac or not dst or ":" in str(dst):
                 continue
-            out.append(FdbEntry(mac.lower(), IPv4Address(dst), ifindex))
+            out.append(FdbEntry(mac.lower(), IPv4Address(dst), ifindex,
+                                permanent=bool(msg["state"] & (NUD_PERMANENT | NUD_NOARP))))
         return out
 
     @on_netlink_loop
@@ -423,7 +427,10 @@ async def execute_plan(nl: Netlink, plan: Plan) -> list[str]:
         try:
             await op
         except NetlinkError as e:
-            failures.append(f"{what} {item}: {os.strerror(e.code) if e.code > 0 else e}")
+            why = os.strerror(e.code) if e.code > 0 else str(e)
+            if what == "add route" and e.code == errno.EEXIST:
+                why = "another route to this destination exists (another device or owner); left alone"
+            failures.append(f"{what} {item}: {why}")
 
     for r in plan.del_routes:
         await attempt("delete route", r, nl.delete_route(r))
@@ -436,5 +443,5 @@ async def execute_plan(nl: Netlink, plan: Plan) -> list[str]:
     for n in plan.add_neighbours:
         await attempt("add neighbour", n, nl.replace_neighbour(n))
     for r in plan.add_routes:
-        await attempt("add route", r, nl.replace_route(r))
+        await attempt("add route", r, nl.add_route(r))
     return failures

@@ -20,6 +20,7 @@ from flannelpy.subnet.lease import Lease
 RTPROT_KERNEL = 2
 RTPROT_BOOT = 3  # what `ip route add` and flanneld (vishvananda/netlink) write
 RT_TABLE_MAIN = 254
+NUD_NOARP = 0x40
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 
@@ -63,6 +64,8 @@ class FdbEntry:
     mac: str
     dst: IPv4Address
     ifindex: int
+    # False for entries the kernel learned (Learning=true): those are the kernel's, never removed.
+    permanent: bool = field(default=True, compare=False)
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,10 @@ class Ownership:
 
     def owns_fdb(self, entry: FdbEntry) -> bool:
         # The fdb dst is a public IP, outside the Network: on our device, every unicast entry is ours.
-        return bool(self.vtep_index) and entry.ifindex == self.vtep_index and is_unicast_mac(entry.mac)
+        return (
+            bool(self.vtep_index) and entry.ifindex == self.vtep_index and entry.permanent
+            and is_unicast_mac(entry.mac)
+        )
 
 
 def is_unicast_mac(mac: str) -> bool:
@@ -165,9 +171,10 @@ def plan(desired: KernelState, actual: KernelState, owner: Ownership) -> Plan:
         if n.key not in have_neigh or have_neigh[n.key].mac != n.mac or not have_neigh[n.key].permanent
     )
 
-    actual_fdb = set(actual.fdb)
+    have_fdb = {e: e for e in actual.fdb}
     del_fdb = sorted(e for e in actual.fdb if e not in desired.fdb and owner.owns_fdb(e))
-    add_fdb = sorted(e for e in desired.fdb if e not in actual_fdb)
+    # A learned twin of a desired entry ages out: make it permanent.
+    add_fdb = sorted(e for e in desired.fdb if e not in have_fdb or not have_fdb[e].permanent)
     return Plan(tuple(del_routes), tuple(del_neigh), tuple(del_fdb),
                 tuple(add_routes), tuple(add_neigh), tuple(add_fdb))
 

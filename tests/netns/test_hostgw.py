@@ -228,6 +228,18 @@ async def test_stale_route_removed_foreign_routes_untouched(lab: Topology, nodes
     assert "10.5.1.0/24 dev docker0" in table
     assert route_to(n2) in table
 
+    # A lease whose subnet another device already routes: that route is not clobbered, the conflict
+    # is reported once.
+    clash = Lease(IPv4Network("10.5.78.0/24"), LeaseAttrs(IPv4Address("10.99.0.3"), backend_type="host-gw"))
+    with capture_logs() as logs:
+        await n1.backend.apply([clash], [])
+        await n1.backend.reconcile()
+    assert "10.5.78.0/24 dev docker0" in routes(n1.ns)
+    assert "10.5.78.0/24 via 10.99.0.3 dev eth0" not in routes(n1.ns)
+    errors = [e for e in logs if e["event"] == "Could not program kernel entry"]
+    assert len(errors) == 1 and "10.5.78.0/24" in errors[0]["failure"]
+    await n1.backend.apply([], [clash])
+
     # A restarted daemon keeps live routes until it has the lease snapshot, then drops vanished ones.
     await n1.backend.stop()
     nodes.nodes.remove(n1)

@@ -340,18 +340,19 @@ async def test_mismatched_backend_and_bad_backend_data_are_not_routed(lab: Topol
     assert len(neighbours(n1.ns)) == 1 and len(fdb(n1.ns)) == 1
 
 
-async def test_incompatible_device_replaced_port_and_mtu_options(lab: Topology, nodes: Nodes) -> None:
+async def test_incompatible_device_replaced_port_mtu_gbp_options(lab: Topology, nodes: Nodes) -> None:
     h1, h2 = lab.hosts["h1"], lab.hosts["h2"]
     # A leftover flannel.1 with another VNI.
     sh(h1.netns, "ip", "link", "add", DEV, "type", "vxlan", "id", "7", "dev", "eth0", "local", "10.99.0.1",
        "dstport", "0")
-    config = cfg(Port=4789, MTU=1400)
+    config = cfg(Port=4789, MTU=1400, GBP=True)
     n1 = await nodes.start(h1, config)
     n2 = await nodes.start(h2, config)
     await nodes.mesh()
     link = js(h1.netns, "ip", "-j", "-d", "link", "show", DEV)[0]
     assert link["linkinfo"]["info_data"]["id"] == 1
     assert link["linkinfo"]["info_data"]["port"] == 4789
+    assert link["linkinfo"]["info_data"].get("gbp") is True
     assert link["mtu"] == 1400 and n1.backend.mtu == 1400
     assert n1.lease.attrs.backend_data["VtepMAC"] == link["address"]  # type: ignore[index]
     assert ping(n1.container_ns, n2.container_ip)
