@@ -297,7 +297,7 @@ class EtcdRegistry:
         state = channel.get_state(try_to_connect=True)
         while state != grpc.ChannelConnectivity.READY:
             if state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN):
-                raise _DialError("connection failed")
+                raise _DialError("cannot connect (is etcd running there? a firewall in the way?)")
             left = deadline - time.monotonic()
             if left <= 0:
                 raise _DialError(f"no answer within {self.dial_timeout:g}s")
