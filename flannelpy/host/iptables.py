@@ -348,6 +348,9 @@ class IptablesManager:
                 await self.ensure()
             except (FirewallError, OSError) as e:
                 log.error("Failed to ensure iptables rules", error=str(e))
+            except Exception as e:  # a resync must never take the daemon down
+                # e.g. uvloop's RuntimeError when iptables-restore exited (xtables lock busy) before reading
+                log.error("Failed to ensure iptables rules", error=repr(e))
             await asyncio.sleep(self.resync)
 
     async def remove(self) -> None:
