@@ -226,7 +226,10 @@ class EtcdRegistry:
             ("grpc.keepalive_timeout_ms", int(keepalive_timeout * 1000)),
             # grpc core enforces the ping timeout, not keepalive_timeout (grpc/grpc#39239).
             ("grpc.http2.ping_timeout_ms", int(keepalive_timeout * 1000)),
-            ("grpc.keepalive_permit_without_calls", 1),
+            # etcd's server rejects pings on a connection without streams (PermitWithoutStream=false:
+            # GOAWAY too_many_pings after ~15 s idle). The watch channel always carries its stream, so it
+            # is pinged; an idle request channel relies on the per-call deadline instead.
+            ("grpc.keepalive_permit_without_calls", 0),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.initial_reconnect_backoff_ms", 200),
