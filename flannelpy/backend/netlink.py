@@ -417,16 +417,19 @@ def _link(msg: Any) -> Link:
 
 
 @on_netlink_loop
-async def execute_plan(nl: Netlink, plan: Plan) -> list[str]:
+async def execute_plan(nl: Netlink, plan: Plan, *, exists_ok: bool = False) -> list[str]:
     """Carry out a reconcile plan: deletions first (routes before the entries they use), then additions
     (fdb and neighbours before the routes that need them). One failed entry does not stop the rest;
-    the failures are returned as messages."""
+    the failures are returned as messages. exists_ok: a route that is already there is no failure (the
+    plan was made without reading the kernel; the next full reconcile tells ours from a conflict)."""
     failures: list[str] = []
 
     async def attempt(what: str, item: object, op: Awaitable[None]) -> None:
         try:
             await op
         except NetlinkError as e:
+            if exists_ok and e.code == errno.EEXIST:
+                return
             why = os.strerror(e.code) if e.code > 0 else str(e)
             if what == "add route" and e.code == errno.EEXIST:
                 why = "another route to this destination exists (another device or owner); left alone"

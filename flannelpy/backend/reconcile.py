@@ -179,6 +179,23 @@ def plan(desired: KernelState, actual: KernelState, owner: Ownership) -> Plan:
                 tuple(add_routes), tuple(add_neigh), tuple(add_fdb))
 
 
+def delta(before: KernelState, after: KernelState, owner: Ownership) -> Plan:
+    """The change between what some leases asked for before and what they ask for now, without reading
+    the kernel (lease events between full reconciles: O(changed leases), not O(all entries))."""
+    after_neigh = {n.key: n for n in after.neighbours}
+    return Plan(
+        del_routes=tuple(sorted((r for r in before.routes - after.routes if owner.owns_route(r)), key=str)),
+        del_neighbours=tuple(sorted(
+            n for n in before.neighbours
+            if owner.owns_neighbour(n) and (n.key not in after_neigh or after_neigh[n.key].mac != n.mac)
+        )),
+        del_fdb=tuple(sorted(e for e in before.fdb - after.fdb if owner.owns_fdb(e))),
+        add_routes=tuple(sorted(after.routes - before.routes, key=str)),
+        add_neighbours=tuple(sorted(after.neighbours - before.neighbours)),
+        add_fdb=tuple(sorted(after.fdb - before.fdb)),
+    )
+
+
 # ---- desired state per backend ----
 
 

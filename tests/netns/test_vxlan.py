@@ -246,6 +246,24 @@ async def test_host_leaving_removes_its_entries(lab: Topology, nodes: Nodes) -> 
     assert ping(n1.container_ns, n3.container_ip)
 
 
+async def test_changed_lease_updates_entries_in_place(lab: Topology, nodes: Nodes) -> None:
+    n1 = await nodes.start(lab.hosts["h1"])
+    n2 = await nodes.start(lab.hosts["h2"])
+    await nodes.mesh()
+    old = vxlan_entries(n2)
+    # h2's VTEP is recreated (new MAC) and its lease re-announced: a PUT, no DELETE in between.
+    await n2.backend.teardown()
+    n2b = await nodes.start(lab.hosts["h2"])
+    await n2b.backend.apply([n1.lease], [])
+    await n1.backend.apply([n2b.lease], [])
+    new = vxlan_entries(n2b)
+    assert new[1] != old[1]
+    assert neighbours(n1.ns) == {new[1]}
+    assert fdb(n1.ns) == {new[2]}
+    assert new[0] in routes(n1.ns)
+    assert ping(n1.container_ns, n2b.container_ip)
+
+
 async def test_deleted_entries_come_back_within_one_resync(lab: Topology, nodes: Nodes) -> None:
     n1 = await nodes.start(lab.hosts["h1"], run=True)
     n2 = await nodes.start(lab.hosts["h2"], run=True)

@@ -17,6 +17,7 @@ from flannelpy.backend.reconcile import (
     Ownership,
     Plan,
     Route,
+    delta,
     desired_hostgw,
     desired_vxlan,
     parse_vtep,
@@ -205,6 +206,23 @@ def test_hostgw_ownership_is_lease_shaped_gateway_routes_on_the_iface() -> None:
     p = plan(desired, KernelState(frozenset([stale, *kept])), HG_OWNER)
     assert p.del_routes == (stale,)
     assert p.add_routes == (Route(N("10.5.2.0/24"), A("10.99.0.2"), IFACE),)
+
+
+def test_delta_programs_only_what_changed() -> None:
+    old_lease = vx("10.5.2.0/24", "10.99.0.2", "0a:00:00:00:00:02")
+    new_lease = vx("10.5.2.0/24", "10.99.0.2", "0a:00:00:00:00:22")  # the host rebooted: new VTEP MAC
+    before, _ = vxlan_state([old_lease])
+    after, _ = vxlan_state([new_lease])
+    d = delta(before, after, VX_OWNER)
+    assert d.del_routes == () and d.add_routes == ()  # the route does not change
+    assert d.del_neighbours == (Neighbour(A("10.5.2.0"), "0a:00:00:00:00:02", VTEP),)
+    assert d.add_neighbours == (Neighbour(A("10.5.2.0"), "0a:00:00:00:00:22", VTEP),)
+    assert d.del_fdb == (FdbEntry("0a:00:00:00:00:02", A("10.99.0.2"), VTEP),)
+    assert d.add_fdb == (FdbEntry("0a:00:00:00:00:22", A("10.99.0.2"), VTEP),)
+    gone = delta(before, KernelState(), VX_OWNER)
+    assert set(gone.del_routes) == before.routes and set(gone.del_fdb) == before.fdb
+    assert set(gone.del_neighbours) == before.neighbours and not gone.add_routes
+    assert delta(after, after, VX_OWNER).empty
 
 
 # ---- property: applying a plan converges, and never touches what is not ours ----
