@@ -59,6 +59,7 @@ class KernelBackend(Backend, abc.ABC):
         self._reported: set[tuple[IPv4Network, str]] = set()
         self._failures: set[str] = set()
         self.reconciles = 0
+        self._counts: dict[str, int] = {}
         self.last_plan: Plan | None = None
         if config.enable_ipv6:
             log.warning("IPv6 is not routed by this backend; only the IPv4 Network is",
@@ -119,6 +120,18 @@ class KernelBackend(Backend, abc.ABC):
     async def stop(self) -> None:
         await self.nl.close()
 
+    def counters(self) -> dict[str, int]:
+        """Reconcile rounds, kernel entries added/removed (by kind), failed operations, unrouted leases."""
+        return {"reconciles": self.reconciles, "leases_not_routed": len(self._reported), **self._counts}
+
+    def _count(self, todo: Plan, failures: list[str], stale: bool) -> None:
+        for key, value in todo.summary().items():
+            self._counts[key] = self._counts.get(key, 0) + value
+        if stale:  # removed by a full reconcile: left behind by a vanished lease or by hand
+            n = len(todo.del_routes) + len(todo.del_neighbours) + len(todo.del_fdb)
+            self._counts["stale_removed"] = self._counts.get("stale_removed", 0) + n
+        self._counts["program_failures"] = self._counts.get("program_failures", 0) + len(failures)
+
     # ---- reconciliation ----
 
     @property
@@ -140,6 +153,7 @@ class KernelBackend(Backend, abc.ABC):
             failures = await execute_plan(self.nl, todo)
             self.reconciles += 1
             self.last_plan = todo
+            self._count(todo, failures, stale=True)
         for line in failures:
             if line not in self._failures:  # once while it persists, not every resync
                 log.error("Could not program kernel entry", backend=self.type, failure=line)
@@ -164,6 +178,7 @@ class KernelBackend(Backend, abc.ABC):
                                 **s.detail)
             todo = delta(old, new, owner)
             failures = await execute_plan(self.nl, todo, exists_ok=True)
+            self._count(todo, failures, stale=False)
         for line in failures:
             log.error("Could not program kernel entry", backend=self.type, failure=line)
         if not todo.empty:

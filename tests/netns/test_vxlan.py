@@ -314,8 +314,10 @@ async def test_stale_entries_removed_and_foreign_routes_untouched(lab: Topology,
     sh(n1.ns, "ip", "route", "add", "10.5.77.0/24", "via", "10.99.0.2", "dev", "eth0")
     sh(n1.ns, "ip", "route", "add", "10.5.78.0/24", "dev", "docker0")
 
+    before = n1.backend.counters().get("stale_removed", 0)
     done = await n1.backend.reconcile()
     assert len(done.del_routes) == 1 and len(done.del_neighbours) == 1 and len(done.del_fdb) == 1
+    assert n1.backend.counters()["stale_removed"] == before + 3
     assert not any(r.startswith("10.5.9.0/24") for r in routes(n1.ns))
     assert not any(n.startswith("10.5.9.0 ") for n in neighbours(n1.ns))
     assert not any("10.99.0.9" in e for e in fdb(n1.ns))
