@@ -240,6 +240,7 @@ def desired_vxlan(
     leases: Iterable[Lease],
     *,
     own_subnet: IPv4Network | None,
+    own_ip: IPv4Address | None = None,
     vtep_index: int,
     iface_index: int,
     vni: int,
@@ -254,6 +255,11 @@ def desired_vxlan(
     skipped: list[Skipped] = []
     for lease in sorted(leases, key=lambda x: x.subnet):
         if lease.subnet == own_subnet:
+            continue
+        if lease.attrs.public_ip == own_ip:
+            # An old lease of this host (or a misconfigured peer): routing it would loop back to us.
+            skipped.append(Skipped(lease.subnet, "lease announces this host's own public IP",
+                                   {"public_ip": str(own_ip)}))
             continue
         btype = lease.attrs.effective_backend
         if btype != "vxlan":
@@ -284,6 +290,7 @@ def desired_hostgw(
     leases: Iterable[Lease],
     *,
     own_subnet: IPv4Network | None,
+    own_ip: IPv4Address | None = None,
     iface_index: int,
     connected: Iterable[IPv4Network],
 ) -> tuple[KernelState, list[Skipped]]:
@@ -293,6 +300,11 @@ def desired_hostgw(
     skipped: list[Skipped] = []
     for lease in sorted(leases, key=lambda x: x.subnet):
         if lease.subnet == own_subnet:
+            continue
+        if lease.attrs.public_ip == own_ip:
+            # An old lease of this host (or a misconfigured peer): routing it would loop back to us.
+            skipped.append(Skipped(lease.subnet, "lease announces this host's own public IP",
+                                   {"public_ip": str(own_ip)}))
             continue
         btype = lease.attrs.effective_backend
         if btype != "host-gw":

@@ -81,6 +81,17 @@ def test_vxlan_own_lease_is_never_routed() -> None:
     assert state == KernelState() and skipped == []
 
 
+def test_lease_with_our_own_public_ip_is_not_routed() -> None:
+    mine = A("10.99.0.1")
+    state, skipped = desired_vxlan([vx("10.5.2.0/24", "10.99.0.1", "0a:00:00:00:00:02")], own_subnet=OWN,
+                                   own_ip=mine, vtep_index=VTEP, iface_index=IFACE, vni=1,
+                                   direct_routing=False, connected=LAN)
+    assert state == KernelState() and [s.reason for s in skipped] == ["lease announces this host's own public IP"]
+    state, skipped = desired_hostgw([hg("10.5.2.0/24", "10.99.0.1")], own_subnet=OWN, own_ip=mine,
+                                    iface_index=IFACE, connected=LAN)
+    assert state == KernelState() and len(skipped) == 1
+
+
 def test_vxlan_ignores_other_backends_and_bad_backend_data() -> None:
     leases = [
         hg("10.5.3.0/24", "10.99.0.3"),

@@ -75,6 +75,7 @@ class HostGwBackend(KernelBackend):
         state, skipped = desired_hostgw(
             leases,
             own_subnet=self.lease.subnet if self.lease is not None else None,
+            own_ip=self.iface.public_ip,
             iface_index=self.iface.index,
             connected=await self._iface_networks(),
         )

@@ -172,6 +172,7 @@ class VxlanBackend(KernelBackend):
         state, skipped = desired_vxlan(
             leases,
             own_subnet=self.lease.subnet if self.lease is not None else None,
+            own_ip=self.iface.public_ip,
             vtep_index=self.device.index,
             iface_index=self.iface.index,
             vni=self.vni,
