@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 
 VERBS = ("all", "datapath", "controlplane", "packetcore")
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,11 +28,11 @@ def parser() -> argparse.ArgumentParser:
                    help="pings at 10 ms per RTT measurement (default 300; --quick: 100)")
     p.add_argument("--configs", default="", help="comma-separated data-path configurations (default: all), e.g. "
                    "raw-veth,kernel-vxlan,flannelpy-host-gw,flannelpy-vxlan,flannelpy-udp-compiled,"
-                   "flannelpy-udp-python,flanneld-udp,flanneld-vxlan")
+                   "flannelpy-udp-python,flannelpy-udp-batch1,flanneld-udp,flanneld-vxlan")
     p.add_argument("--peers", default="", help="control plane: peer counts for lease -> route (default 1,50)")
     p.add_argument("--start-sizes", default="", help="control plane: leases in etcd at daemon start "
                    "(default 0,1000,10000)")
-    p.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory (default ./bench-results)")
+    p.add_argument("--out", type=Path, default=RESULTS, help=f"output directory (default {RESULTS}, git-ignored)")
     return p
 
 

@@ -199,9 +199,20 @@ def _round_robin(bed: Testbed, pairs: list[Pair], params: Params, results: dict[
                 progress.advance(task)
 
 
+class _LineProgress(Progress):
+    """Without a terminal (CI logs, pipes) a bar cannot redraw: print each step on its own line instead."""
+
+    def update(self, task_id: Any, **kwargs: Any) -> None:
+        super().update(task_id, **kwargs)
+        if "description" in kwargs and not self.console.is_terminal:
+            task = self.tasks[0] if self.tasks else None
+            done = f"[{int(task.completed)}/{int(task.total or 0)}] " if task else ""
+            self.console.print(f"{done}{kwargs['description']}", markup=False, highlight=False)
+
+
 def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=False)
+    return _LineProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                         console=console, transient=False, disable=not console.is_terminal)
 
 
 def write(data: dict[str, Any], out_dir: Path, console: Console) -> None:

@@ -151,30 +151,39 @@ def datapath_chart(data: dict[str, Any], path: Path) -> str | None:
         return "matplotlib is not installed (pip install 'flannelpy[bench]'); no chart written"
     configs = [c for c in data["configs"] if c["status"] != "skipped"]
     labels = [c["label"].replace(" (", "\n(") for c in configs]
+    nan = float("nan")
 
     def values(key: str) -> list[float]:
-        return [c["metrics"][key]["median"] or 0.0 for c in configs]  # failed: an empty bar, labelled below
+        return [c["metrics"][key]["median"] or nan for c in configs]  # failed: no bar, labelled below
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.5))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 6))
     panels = (
-        ("TCP throughput (Gbit/s)", (("tcp1_gbps", "1 stream"), ("tcp4_gbps", "4 streams"))),
-        ("UDP packet rate received (kpps)", (("udp64_kpps", "64 B"), ("udp1400_kpps", "1400 B"))),
-        ("ping RTT (ms)", (("rtt_p50_ms", "p50"), ("rtt_p99_ms", "p99"))),
+        ("TCP throughput (Gbit/s, log scale)", (("tcp1_gbps", "1 stream"), ("tcp4_gbps", "4 streams")), True),
+        ("UDP packets received (kpps)", (("udp64_kpps", "64 B"), ("udp1400_kpps", "1400 B")), False),
+        ("ping RTT (ms, log scale)", (("rtt_p50_ms", "p50"), ("rtt_p99_ms", "p99")), True),
     )
     width = 0.4
-    for ax, (title, series) in zip(axes, panels, strict=True):
+    for ax, (title, series, log_scale) in zip(axes, panels, strict=True):
+        if log_scale:
+            ax.set_yscale("log")
         for i, (key, name) in enumerate(series):
             xs = [x + (i - 0.5) * width for x in range(len(configs))]
-            bars = ax.bar(xs, values(key), width, label=name)
-            for bar, c in zip(bars, configs, strict=True):
-                if c["metrics"][key]["median"] is None:
-                    ax.annotate("failed", (bar.get_x() + bar.get_width() / 2, 0), ha="center", va="bottom",
+            ys = values(key)
+            bars = ax.bar(xs, ys, width, label=name)
+            for bar, y in zip(bars, ys, strict=True):
+                x = bar.get_x() + bar.get_width() / 2
+                if y != y:  # NaN: the measurement failed
+                    ax.annotate("failed", (x, 0.02), xycoords=("data", "axes fraction"), ha="center",
                                 rotation=90, fontsize=7, color="red")
+                else:
+                    ax.annotate(f"{y:.3g}", (x, y), ha="center", va="bottom", fontsize=6, rotation=90,
+                                xytext=(0, 2), textcoords="offset points")
         ax.set_title(title)
         ax.set_xticks(range(len(configs)))
         ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
+        ax.margins(y=0.15)
     m = data["machine"]
     fig.suptitle(f"flannelpy data path: medians of {data['params']['reps']} run(s); {m['cores']} cores, "
                  f"Linux {m['kernel']}, Python {m['python']}", fontsize=10)

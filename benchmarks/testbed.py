@@ -71,6 +71,9 @@ def default_configs() -> list[Config]:
                env=(("FLANNELPY_DATAPATH", "compiled"),)),
         Config("flannelpy-udp-python", "flannelpy udp (pure Python)", "daemon", tag="up", backend="udp",
                env=(("FLANNELPY_DATAPATH", "python"),)),
+        # One packet per system call, as flanneld's C poll() loop moves them: the baseline of issue 6.
+        Config("flannelpy-udp-batch1", "flannelpy udp (compiled, 1 packet/syscall)", "daemon", tag="u1",
+               backend="udp", env=(("FLANNELPY_DATAPATH", "compiled"), ("FLANNELPY_BATCH", "1"))),
     ]
     binary = flanneld_bin()
     why = None if binary else (

@@ -24,6 +24,7 @@ FLANNELPY_CONFIGS = {
     "flannelpy-vxlan": "vxlan",
     "flannelpy-udp-compiled": "udp",
     "flannelpy-udp-python": "udp",
+    "flannelpy-udp-batch1": "udp",
 }
 RATES = ("tcp1_gbps", "tcp4_gbps", "udp64_kpps", "udp1400_kpps", "rtt_p50_ms", "rtt_p99_ms")
 
