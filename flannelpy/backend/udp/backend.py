@@ -145,6 +145,9 @@ class UdpBackend(Backend):
             reason = f"subnet outside {self.network} or not /{self.config.subnet_len}"
         elif self.lease is not None and lease.subnet == self.lease.subnet:
             reason = "our own subnet"
+        elif self.lease is not None and lease.attrs.public_ip == self.lease.attrs.public_ip:
+            # A stale or forged second lease of this host: routing it would send packets to ourselves.
+            reason = "lease announces this host's own public IP"
         elif int(lease.attrs.public_ip) in (0, 0xFFFFFFFF):
             reason = "PublicIP is not unicast"
         if not reason:
