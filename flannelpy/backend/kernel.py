@@ -19,7 +19,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network
 
 import structlog
 
@@ -32,7 +32,7 @@ from flannelpy.subnet.lease import Lease
 
 log = structlog.get_logger()
 
-# flanneld's route check interval (routeCheckRetries loop in host-gw, 10 s).
+# flanneld re-checks host-gw routes every 10 s (routeCheckInterval); we reconcile both backends as often.
 RESYNC_INTERVAL = 10.0
 
 
@@ -201,12 +201,9 @@ class KernelBackend(Backend, abc.ABC):
 
     async def _check_iface(self) -> None:
         link = await self.nl.link_by_index(self.iface.index)
-        if link is None or link.name != self.iface.name:
-            raise InterfaceError(
-                f"interface {self.iface.name} (index {self.iface.index}) does not exist"
-                + (f" (index {self.iface.index} is now {link.name})" if link is not None else "")
-                + "; choose the interface with --iface"
-            )
-
-    async def _has_address(self, ip: IPv4Address) -> bool:
-        return any(a.ip == ip for a in await self.nl.ipv4_addresses(self.iface.index))
+        if link is None:
+            raise InterfaceError(f"interface {self.iface.name} (index {self.iface.index}) does not exist; "
+                                 "choose an existing interface with --iface")
+        if link.name != self.iface.name:
+            raise InterfaceError(f"interface index {self.iface.index} is {link.name}, not {self.iface.name} "
+                                 "(was the interface re-created?); restart flannelpy to pick it again")
