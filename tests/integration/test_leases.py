@@ -14,7 +14,7 @@ from flannelpy.errors import LeaseRevokedError
 from flannelpy.lab.etcd import EtcdCluster
 from flannelpy.subnet.lease import Lease, LeaseAttrs
 from flannelpy.subnet.manager import SubnetManager
-from flannelpy.subnet.registry import Claim, EtcdRegistry
+from flannelpy.subnet.registry import Claim, EtcdRegistry, KeyValue
 from tests.integration.conftest import etcdctl
 
 CONFIG_JSON = '{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}'
@@ -24,10 +24,27 @@ def host(n: int) -> LeaseAttrs:
     return LeaseAttrs(IPv4Address(f"192.168.50.{n}"))
 
 
+class BarrierRegistry(EtcdRegistry):
+    """Holds the first listing of the subnets until every host has made it: all hosts then see the
+    same free subnets, as hosts started at the same moment do."""
+
+    def __init__(self, endpoints: list[str], barrier: asyncio.Barrier) -> None:
+        super().__init__(endpoints)
+        self.barrier: asyncio.Barrier | None = barrier
+
+    async def list_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
+        result = await super().list_prefix(prefix)
+        if self.barrier is not None:
+            barrier, self.barrier = self.barrier, None
+            await barrier.wait()
+        return result
+
+
 async def start_hosts(etcd: EtcdCluster, prefix: str, count: int) -> list[Lease]:
     """`count` hosts, each with its own etcd connection, claiming at the same moment. They all use the
     same random seed, so they go for the same subnet and must sort the races out."""
-    registries = [EtcdRegistry(etcd.endpoints) for _ in range(count)]
+    barrier = asyncio.Barrier(count)
+    registries = [BarrierRegistry(etcd.endpoints, barrier) for _ in range(count)]
     try:
         managers = [SubnetManager(r, prefix, rng=random.Random(7)) for r in registries]
         config = await managers[0].get_network_config()
@@ -51,7 +68,7 @@ async def test_hosts_starting_together_never_share_a_subnet(etcd: EtcdCluster, p
         out = etcdctl(etcd, "get", f"{prefix}/subnets/{lease.key}", "--print-value-only")
         assert json.loads(out)["PublicIP"] == str(lease.attrs.public_ip)
     assert len({le.etcd_lease_id for le in leases}) == count
-    # Same seed: every host but one lost at least one race, and retried.
+    # Same seed, same view: every host but one lost the first race, and retried.
     assert sum(e["event"].startswith("another host claimed the subnet first") for e in logs) >= count - 1
 
 
@@ -133,8 +150,8 @@ async def test_garbage_under_subnets_does_not_crash(etcd: EtcdCluster, prefix: s
         etcdctl(etcd, "put", f"{prefix}/subnets/{key}", value)
     m = SubnetManager(registry, prefix)
     config = await m.get_network_config()
-    lease = await m.acquire_lease(config, host(1))
-    assert lease.subnet not in {IPv4Network(f"10.5.{n}.0/24") for n in (3, 4, 5)}
+    lease = await m.acquire_lease(config, host(1), prev_subnet=IPv4Network("10.5.50.0/24"))
+    assert lease.subnet == IPv4Network("10.5.50.0/24")  # so the keys written below are never ours
     it = m.watch_leases(config, lease)
     assert await asyncio.wait_for(it.__anext__(), 10) == ([], [])
     await registry.put(f"{prefix}/subnets/10.5.6.0-24", b"\x00\xff binary")
