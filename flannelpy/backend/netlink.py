@@ -193,10 +193,13 @@ class Netlink:
                 raise
 
     @on_netlink_loop
-    async def set_link(self, index: int, *, mtu: int | None = None, up: bool | None = None) -> None:
+    async def set_link(self, index: int, *, mtu: int | None = None, up: bool | None = None,
+                       mac: str | None = None) -> None:
         kwargs: dict[str, Any] = {"index": index}
         if mtu is not None:
             kwargs["mtu"] = mtu
+        if mac is not None:
+            kwargs["address"] = mac
         if up is not None:
             kwargs["state"] = "up" if up else "down"
         await self.ipr.link("set", **kwargs)

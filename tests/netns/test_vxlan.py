@@ -287,6 +287,12 @@ async def test_deleted_entries_come_back_within_one_resync(lab: Topology, nodes:
     await resynced(n1.backend)
     assert neighbours(n1.ns) == {neigh}
 
+    # Its MAC changed by hand: restored to the lease's VtepMAC.
+    sh(n1.ns, "ip", "link", "set", DEV, "address", "02:00:00:00:00:77")
+    await resynced(n1.backend)
+    link = js(n1.ns, "ip", "-j", "link", "show", DEV)[0]
+    assert link["address"] == n1.lease.attrs.backend_data["VtepMAC"]  # type: ignore[index]
+
     # The whole device deleted by hand: recreated with the MAC the lease announces.
     sh(n1.ns, "ip", "link", "del", DEV)
     await resynced(n1.backend)

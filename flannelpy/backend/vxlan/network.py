@@ -150,6 +150,12 @@ class VxlanBackend(KernelBackend):
                 await self.nl.delete_address(dev.index, addr)
         if want not in have:
             await self.nl.add_address(dev.index, want)
+        mac = self._mac()
+        if mac is not None and dev.mac != mac:
+            # Peers send to the MAC our lease announces; a VTEP with another one drops their frames.
+            log.warning("VXLAN device MAC differs from the lease's VtepMAC, restoring", device=dev.name,
+                        mac=dev.mac, vtep_mac=mac)
+            await self.nl.set_link(dev.index, mac=mac)
         if dev.mtu != self.mtu:
             await self.nl.set_link(dev.index, mtu=self.mtu)
         if not dev.up:
