@@ -386,7 +386,7 @@ async def test_incompatible_device_replaced_port_mtu_gbp_options(lab: Topology, 
 
 async def test_direct_routing_uses_public_ip_for_peers_on_the_same_network(lab: Topology, nodes: Nodes) -> None:
     config = cfg(DirectRouting=True)
-    n1, n2, _n3 = [await nodes.start(h, config) for h in lab.hosts.values()]
+    n1, n2, n3 = [await nodes.start(h, config) for h in lab.hosts.values()]
     await nodes.mesh()
     # Every peer shares 10.99.0.0/24 with h1: plain routes via the public IP, nothing on the VTEP.
     table = routes(n1.ns)
@@ -395,6 +395,19 @@ async def test_direct_routing_uses_public_ip_for_peers_on_the_same_network(lab: 
     assert not any(DEV in r for r in table)
     assert neighbours(n1.ns) == set() and fdb(n1.ns) == set()
     assert ping(n1.container_ns, n2.container_ip)
+    # A peer announcing an address h1 reaches only through a router goes over VXLAN.
+    h3 = lab.hosts["h3"]
+    sh(h3.netns, "ip", "addr", "add", "10.98.0.3/24", "dev", "eth0")
+    sh(n1.ns, "ip", "route", "add", "10.98.0.0/24", "via", "10.99.0.3", "dev", "eth0")
+    far = Lease(n3.lease.subnet, LeaseAttrs(IPv4Address("10.98.0.3"), backend_type="vxlan",
+                                             backend_data=n3.lease.attrs.backend_data))
+    await n1.backend.apply([far], [])
+    table = routes(n1.ns)
+    assert "10.5.3.0/24 via 10.5.3.0 dev flannel.1 onlink" in table
+    assert "10.5.3.0/24 via 10.99.0.3 dev eth0" not in table
+    assert fdb(n1.ns) == {f"{far.attrs.backend_data['VtepMAC']} dst 10.98.0.3 self permanent"}  # type: ignore[index]
+    assert ping(n1.container_ns, n3.container_ip)
+
     # A direct route of a vanished lease is stale like any other.
     sh(n1.ns, "ip", "route", "add", "10.5.9.0/24", "via", "10.99.0.9", "dev", "eth0")
     await n1.backend.reconcile()
