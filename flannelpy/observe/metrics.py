@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +13,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from flannelpy import __version__
 
+# Data-path counter names: encap_packets, decap_bytes, encap_drop_no_route, decap_drop_unknown_sender, ...
+_COUNTER = re.compile(r"(?P<direction>encap|decap)_(?:(?P<what>packets|bytes)|drop_(?P<reason>\w+))")
+
 
 class NodeCollector:
     def __init__(self, node: Any, registry: Any) -> None:
@@ -21,19 +25,27 @@ class NodeCollector:
     def collect(self) -> Iterator[Metric]:
         node = self.node
         counters: dict[str, int] = node.counters()
-        packets = CounterMetricFamily("flannel_packets", "Packets moved by the data path", labels=["direction"])
+        packets = CounterMetricFamily("flannel_packets", "Packets moved by the data path (encap: to peers, "
+                                      "decap: from peers)", labels=["direction"])
         nbytes = CounterMetricFamily("flannel_bytes", "Bytes moved by the data path", labels=["direction"])
-        drops = CounterMetricFamily("flannel_drops", "Packets dropped by the data path", labels=["reason"])
+        drops = CounterMetricFamily("flannel_drops", "Packets dropped by the data path, by reason",
+                                    labels=["direction", "reason"])
+        other = CounterMetricFamily("flannel_backend_events", "Other backend counters (ICMP sent, "
+                                    "reconciliations, routes programmed, ...)", labels=["name"])
         for key, value in sorted(counters.items()):
-            if key.startswith("drop_"):
-                drops.add_metric([key[5:]], value)
-            elif key.endswith("_packets"):
-                packets.add_metric([key[: -len("_packets")]], value)
-            elif key.endswith("_bytes"):
-                nbytes.add_metric([key[: -len("_bytes")]], value)
+            m = _COUNTER.fullmatch(key)
+            if m is None:
+                other.add_metric([key], value)
+            elif m["reason"]:
+                drops.add_metric([m["direction"], m["reason"]], value)
+            elif m["what"] == "packets":
+                packets.add_metric([m["direction"]], value)
+            else:
+                nbytes.add_metric([m["direction"]], value)
         yield packets
         yield nbytes
         yield drops
+        yield other
         yield GaugeMetricFamily("flannel_routes", "Remote leases routed", value=len(node.routes))
         ttl = GaugeMetricFamily("flannel_lease_ttl_seconds", "Seconds until our lease expires (-1: reservation)")
         if node.lease is not None:

@@ -1,0 +1,40 @@
+"""/metrics: data-path counters become labelled Prometheus series."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from flannelpy.observe.metrics import render_metrics
+from flannelpy.routes import RouteTable
+
+
+class _Node(SimpleNamespace):
+    def counters(self) -> dict[str, int]:
+        return dict(self.values)
+
+
+def _scrape(values: dict[str, int]) -> str:
+    node: Any = _Node(values=values, routes=RouteTable(), lease=None, config=None, last_event_at=None)
+    body, ctype = render_metrics(node, SimpleNamespace(reconnects=2))
+    assert ctype.startswith("text/plain")
+    return body
+
+
+def test_packets_bytes_and_drops_are_labelled_by_direction_and_reason() -> None:
+    body = _scrape({"encap_packets": 10, "decap_packets": 7, "encap_bytes": 1000, "decap_bytes": 700,
+                    "decap_drop_unknown_sender": 3, "encap_drop_ttl_expired": 1, "icmp_unreachable_sent": 2})
+    assert 'flannel_packets_total{direction="encap"} 10.0' in body
+    assert 'flannel_packets_total{direction="decap"} 7.0' in body
+    assert 'flannel_bytes_total{direction="decap"} 700.0' in body
+    assert 'flannel_drops_total{direction="decap",reason="unknown_sender"} 3.0' in body
+    assert 'flannel_drops_total{direction="encap",reason="ttl_expired"} 1.0' in body
+    assert 'flannel_backend_events_total{name="icmp_unreachable_sent"} 2.0' in body
+    assert "flannel_etcd_reconnects_total 2.0" in body
+    assert "flannel_routes 0.0" in body
+
+
+def test_every_metric_name_is_prefixed_flannel() -> None:
+    body = _scrape({"reconciles": 4})
+    names = {line.split()[2] for line in body.splitlines() if line.startswith("# TYPE")}
+    assert names and all(n.startswith("flannel_") for n in names)
