@@ -26,9 +26,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=None, help="seconds per iperf3 test (default 4; --quick: 1)")
     p.add_argument("--ping-count", type=int, default=None,
                    help="pings at 10 ms per RTT measurement (default 300; --quick: 100)")
-    p.add_argument("--configs", default="", help="comma-separated data-path configurations (default: all), e.g. "
+    p.add_argument("--configs", default="", help="comma-separated data-path configurations or presets (default: "
                    "raw-veth,kernel-vxlan,flannelpy-host-gw,flannelpy-vxlan,flannelpy-udp-compiled,"
-                   "flannelpy-udp-python,flannelpy-udp-batch1,flanneld-udp,flanneld-vxlan")
+                   "flannelpy-udp-python,flannelpy-udp-batch1, plus flanneld-udp,flanneld-vxlan when FLANNELD_BIN "
+                   "is set); also flannelpy-udp-batch64, flannelpy-udp-tso, flannelpy-udp-tso-gso; preset "
+                   "udp-steps = the udp backend from 1 packet/syscall to every offload, with the two references")
     p.add_argument("--peers", default="", help="control plane: peer counts for lease -> route (default 1,50)")
     p.add_argument("--start-sizes", default="", help="control plane: leases in etcd at daemon start "
                    "(default 0,1000,10000)")

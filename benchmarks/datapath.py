@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from benchmarks import report, traffic
-from benchmarks.testbed import Config, Pair, SetupError, Testbed, default_configs
+from benchmarks.testbed import PRESETS, Config, Pair, SetupError, Testbed, default_configs
 
 MEASUREMENTS = ("tcp1", "tcp4", "udp64", "udp1400", "ping")
 REFERENCES = {"ratio_to_raw_veth": "raw-veth", "ratio_to_kernel_vxlan": "kernel-vxlan"}
@@ -38,14 +38,17 @@ class Params:
 
 
 def select_configs(only: tuple[str, ...]) -> list[Config]:
+    """The default set, or the named configurations and presets in the order given."""
     configs = default_configs()
     if not only:
-        return configs
-    known = {c.name for c in configs}
-    unknown = [name for name in only if name not in known]
+        return [c for c in configs if c.default]
+    names = list(dict.fromkeys(n for name in only for n in PRESETS.get(name, (name,))))
+    by_name = {c.name: c for c in configs}
+    unknown = [n for n in names if n not in by_name]
     if unknown:
-        raise SystemExit(f"unknown configuration(s) {', '.join(unknown)}; choose from: {', '.join(sorted(known))}")
-    return [c for c in configs if c.name in only]
+        raise SystemExit(f"unknown configuration(s) {', '.join(unknown)}; choose from: {', '.join(by_name)} "
+                         f"or a preset: {', '.join(PRESETS)}")
+    return [by_name[n] for n in names]
 
 
 def measure(pair: Pair, what: str, params: Params) -> dict[str, float]:

@@ -49,10 +49,18 @@ class Config:
     backend: str = ""
     env: tuple[tuple[str, str], ...] = ()
     skip_reason: str | None = None  # set when the configuration cannot run on this machine
+    default: bool = True  # part of a plain run; the others only when named (--configs)
 
     @property
     def has_daemon(self) -> bool:
         return self.kind == "daemon"
+
+
+# Named sets for --configs.
+PRESETS: dict[str, tuple[str, ...]] = {
+    "udp-steps": ("raw-veth", "kernel-vxlan", "flannelpy-udp-batch1", "flannelpy-udp-batch64", "flannelpy-udp-tso",
+                  "flannelpy-udp-tso-gso", "flannelpy-udp-compiled"),
+}
 
 
 def flanneld_bin() -> str | None:
@@ -73,7 +81,18 @@ def default_configs() -> list[Config]:
                env=(("FLANNELPY_DATAPATH", "python"),)),
         # One packet per system call, as flanneld's C poll() loop moves them: the baseline of issue 6.
         Config("flannelpy-udp-batch1", "flannelpy udp (compiled, 1 packet/syscall)", "daemon", tag="u1",
-               backend="udp", env=(("FLANNELPY_DATAPATH", "compiled"), ("FLANNELPY_BATCH", "1"))),
+               backend="udp", env=(("FLANNELPY_DATAPATH", "compiled"), ("FLANNELPY_BATCH", "1"),
+                                   ("FLANNELPY_OFFLOAD", "0"))),
+        # The steps between the two (issue 6): batching alone, then each kernel offload added.
+        Config("flannelpy-udp-batch64", "flannelpy udp (batch 64, no offloads)", "daemon", tag="ub",
+               backend="udp", default=False,
+               env=(("FLANNELPY_DATAPATH", "compiled"), ("FLANNELPY_BATCH", "64"), ("FLANNELPY_OFFLOAD", "0"))),
+        Config("flannelpy-udp-tso", "flannelpy udp (batch 64, TSO)", "daemon", tag="ut", backend="udp",
+               default=False,
+               env=(("FLANNELPY_DATAPATH", "compiled"), ("FLANNELPY_BATCH", "64"), ("FLANNELPY_OFFLOAD", "tso"))),
+        Config("flannelpy-udp-tso-gso", "flannelpy udp (batch 64, TSO+GSO)", "daemon", tag="ug", backend="udp",
+               default=False, env=(("FLANNELPY_DATAPATH", "compiled"), ("FLANNELPY_BATCH", "64"),
+                                   ("FLANNELPY_OFFLOAD", "tso,gso"))),
     ]
     binary = flanneld_bin()
     why = None if binary else (
