@@ -192,6 +192,8 @@ cdef class RouteTable:
         return (<uint32_t>addr) & self.mask == self.net
 
     cdef inline bint is_peer_c(self, uint32_t ip) noexcept nogil:
+        if ip == PEER_EMPTY or ip == PEER_TOMB:
+            return False  # never a peer (set() refuses them); they would match empty or deleted slots
         cdef uint32_t cap_mask = self.peer_cap - 1
         cdef uint32_t h = ((ip * <uint32_t>2654435761) >> (32 - self.peer_bits)) & cap_mask
         cdef uint32_t step, key
@@ -435,7 +437,8 @@ cdef class PacketCore:
                     bad = 4
                 elif total < <uint32_t>((buf[0] & 0x0F) * 4) or total != <uint32_t>n:
                     bad = 3
-            if bad < 0 and self.table.lookup_c(rd32(buf + 12)) != sender:
+            # sender 0: an empty slot (no lease) would otherwise "match" it
+            if bad < 0 and (sender == 0 or self.table.lookup_c(rd32(buf + 12)) != sender):
                 bad = 7 if self.table.is_peer_c(sender) else 6
             if bad < 0 and buf[8] <= 1:
                 bad = 8

@@ -321,7 +321,7 @@ class PacketCore:
             c[bad] += 1
             return DROP, bad
         table = self.table
-        if table.lookup(_u32(packet, 12)) != sender:
+        if sender == 0 or table.lookup(_u32(packet, 12)) != sender:  # 0 would "match" an empty slot
             bad = base + 7 if table.is_peer(sender) else base + 6
             c[bad] += 1
             return DROP, bad
