@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -70,9 +71,17 @@ def _quiet_logs() -> None:
                         logger_factory=structlog.PrintLoggerFactory(sys.stderr))
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     _quiet_logs()
+    # Ctrl-C and SIGTERM both unwind through the testbed's clean-up and write partial results, even when
+    # started from a shell that ignores SIGINT for background jobs.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     console = Console(stderr=True)
     problem = _needs_root(args.verb)
     if problem:

@@ -172,7 +172,8 @@ def run(params: Params, out_dir: Path, console: Console | None = None) -> dict[s
             missing = [k for k, v in entry["metrics"].items() if v["median"] is None and not v["na"]]
             entry["status"] = "ok" if not missing else ("partial" if len(missing) < len(entry["metrics"]) else "failed")
             if missing:
-                first = next((e for k in missing for e in entry["metrics"][k]["errors"]), "not measured")
+                first = next((e for k in missing for e in entry["metrics"][k]["errors"]),
+                             "the run was interrupted first" if data["interrupted"] else "not measured")
                 entry["reason"] = f"no value for {', '.join(missing)}: {first}"
         data["configs"].append(entry)
     add_ratios(data["configs"])

@@ -133,6 +133,8 @@ def datapath_markdown(data: dict[str, Any]) -> str:
             if all(v is None for v in cells):
                 continue
             lines.append(f"| {c['label']} | " + " | ".join("—" if v is None else f"{v:.2f}x" for v in cells) + " |")
+    if data.get("interrupted"):
+        lines[:0] = ["**Interrupted** (Ctrl-C or SIGTERM): partial results.", ""]
     lines += ["", "daemon CPU: user+system seconds of the two daemons during the TCP tests, per GB received "
               "(n/a: no daemon, the kernel does the work)."]
     if notes:
