@@ -70,7 +70,21 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "iperf3": _first_line(["iperf3", "--version"]),
         "etcd": _first_line(["etcd", "--version"]),
+        "source": source(),
     }
+
+
+def source() -> dict[str, Any]:
+    """The code that was measured: commit, and the files that differed from it (a shared tree moves)."""
+    root = Path(__file__).resolve().parent.parent
+    commit = _first_line(["git", "-C", str(root), "rev-parse", "--short", "HEAD"])
+    try:
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        status = ""
+    modified = [line[3:] for line in status.splitlines() if line.strip()]
+    return {"commit": commit, "modified": modified}
 
 
 def median(values: Sequence[float]) -> float | None:
@@ -83,8 +97,11 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def machine_line(m: dict[str, Any]) -> str:
+    src = m.get("source") or {}
+    code = f"; code at {src.get('commit')}" + (f" with local changes to {', '.join(src['modified'])}"
+                                              if src.get("modified") else "") if src else ""
     return (f"{m['cpu']}, {m['cores']} cores, {m.get('memory_gb')} GB RAM; Linux {m['kernel']}; {m['os']}; "
-            f"Python {m['python']}; {m['iperf3']}")
+            f"Python {m['python']}; {m['iperf3']}{code}")
 
 
 def _cell(metric: Metric, entry: dict[str, Any]) -> str:
