@@ -5,13 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=0
-for bin in etcd etcdctl ip iperf3 tcpdump iptables-restore ping; do
+for bin in etcd etcdctl ip iperf3 tcpdump iptables-restore ping openssl; do
     command -v "$bin" >/dev/null 2>&1 || need_apt=1
 done
 if [ "$need_apt" = 1 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
-    apt-get install -y -q --no-install-recommends etcd-server etcd-client iproute2 iperf3 tcpdump iptables procps iputils-ping
+    apt-get install -y -q --no-install-recommends etcd-server etcd-client iproute2 iperf3 tcpdump iptables procps iputils-ping openssl
 fi
 
 PY=${PYTHON:-python3}
