@@ -25,11 +25,13 @@ extensions = [
     Extension(
         f"fastpath.{name}",
         [f"fastpath/{name}.pyx"],
+        include_dirs=["fastpath"],
+        depends=["fastpath/offload.h"],
         extra_compile_args=cflags,
         extra_link_args=ldflags,
         define_macros=macros,
     )
-    for name in ("core", "io")
+    for name in ("core", "io", "offload")
     if os.path.exists(f"fastpath/{name}.pyx")
 ]
 
