@@ -65,7 +65,6 @@ class Target:
 
     def __init__(self) -> None:
         import fastpath.core as compiled
-
         import flannelpy.packet as reference
 
         self.impls: list[tuple[str, Any, Any]] = []

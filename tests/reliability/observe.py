@@ -63,8 +63,20 @@ def metrics(cluster: Cluster, host: str, port: int) -> dict[str, float]:
     return out
 
 
+def labels(sample: str) -> dict[str, str]:
+    inner = sample.partition("{")[2].rstrip("}")
+    return dict(re.findall(r'(\w+)="([^"]*)"', inner))
+
+
 def drops(samples: dict[str, float]) -> dict[str, float]:
-    return {k.split('"')[1]: v for k, v in samples.items() if k.startswith("flannel_drops_total{")}
+    """Drop counters by the packet core's names (decap_drop_short, ...), whichever label layout /metrics uses."""
+    out = {}
+    for key, value in samples.items():
+        if key.startswith("flannel_drops_total{"):
+            lab = labels(key)
+            name = f"{lab['direction']}_drop_{lab['reason']}" if "direction" in lab else lab["reason"]
+            out[name] = value
+    return out
 
 
 # -- logs -------------------------------------------------------------------------------------------
