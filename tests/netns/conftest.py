@@ -56,6 +56,7 @@ class Node:
 
     def __init__(self, ns: str, spec: dict[str, Any]) -> None:
         self.ns = ns
+        self.spec = spec
         self.stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in stop())
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.proc = subprocess.Popen(
@@ -121,6 +122,9 @@ class Pair:
 
 
 def build_pair(prefix: str, datapath: str, stack: contextlib.ExitStack, mtu: int = 1500) -> Pair:
+    """datapath: "compiled" (offloads as the backend defaults), "python", or "compiled-<FLANNELPY_OFFLOAD
+    value>" such as "compiled-0" (offloads off) or "compiled-tso,gso"."""
+    datapath, _, offload = datapath.partition("-")
     pair = Pair(prefix, datapath)
     for i in range(2):
         for ns in (f"{prefix}-h{i + 1}", f"{prefix}-c{i + 1}"):
@@ -148,7 +152,7 @@ def build_pair(prefix: str, datapath: str, stack: contextlib.ExitStack, mtu: int
         sh("ip", "-n", cont, "route", "add", "default", "via", gw)
     for i, host in enumerate(pair.hosts):
         node = Node(host, {"network": NETWORK, "subnet": pair.subnets[i], "iface": "eth0",
-                           "datapath": datapath})
+                           "datapath": datapath, "offload": offload or None})
         stack.callback(node.stop)
         pair.nodes.append(node)
     pair.nodes[0].apply(added=[pair.lease(1)])

@@ -2,6 +2,8 @@
 
 The hosts run real UdpBackends (flannel0 TUN, UDP :8285); "containers" sit behind them as with Docker's
 --bip. Everything is checked the way a user would: ping, socket errors, bytes received, counters.
+Each behaviour runs with the compiled data path's offloads on ("compiled", TSO/GSO/GRO) and off
+("compiled-0"); ping and the TCP transfer also with the Python data path.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ def py(ns: str, code: str, *args: str, timeout: float = 60) -> subprocess.Comple
     return nsexec(ns, sys.executable, "-c", code, *args, check=False, timeout=timeout)
 
 
+MODES = ["compiled", "compiled-0"]
+
+
 def spawn_py(ns: str, code: str, *args: str) -> subprocess.Popen[str]:
     """A Python process in ns that prints "ready" once set up; returns after that line."""
     proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", code, *args],
@@ -43,7 +48,7 @@ def spawn_py(ns: str, code: str, *args: str) -> subprocess.Popen[str]:
     return proc
 
 
-@pytest.mark.parametrize("udp_pair", ["compiled", "python"], indirect=True)
+@pytest.mark.parametrize("udp_pair", [*MODES, "python"], indirect=True)
 def test_containers_ping_across_hosts(udp_pair: Pair) -> None:
     c1, c2 = udp_pair.containers
     before = udp_pair.nodes[0].counters()
@@ -54,6 +59,7 @@ def test_containers_ping_across_hosts(udp_pair: Pair) -> None:
     assert counts["decap_packets"] - before["decap_packets"] >= 6
 
 
+@pytest.mark.parametrize("udp_pair", MODES, indirect=True)
 def test_host_reaches_remote_container(udp_pair: Pair) -> None:
     # The host's own traffic leaves from flannel0's address (10.10.1.0) and the answer comes back to it.
     assert ping(udp_pair.hosts[0], udp_pair.container_ips[1]).returncode == 0
@@ -79,7 +85,7 @@ print(len(data), hashlib.sha256(data).hexdigest())
 """
 
 
-@pytest.mark.parametrize("udp_pair", ["compiled", "python"], indirect=True)
+@pytest.mark.parametrize("udp_pair", [*MODES, "python"], indirect=True)
 def test_tcp_transfer_arrives_intact(udp_pair: Pair) -> None:
     c1, c2 = udp_pair.containers
     size = 32 << 20 if udp_pair.datapath == "compiled" else 4 << 20
@@ -127,6 +133,7 @@ except OSError as e:
 """
 
 
+@pytest.mark.parametrize("udp_pair", MODES, indirect=True)
 def test_connected_udp_socket_gets_enetunreach_for_a_subnet_without_lease(udp_pair: Pair) -> None:
     c1 = udp_pair.containers[0]
     before = udp_pair.nodes[0].counters()
@@ -140,6 +147,7 @@ def test_connected_udp_socket_gets_enetunreach_for_a_subnet_without_lease(udp_pa
     assert udp_pair.nodes[0].counters()["encap_drop_no_route"] > counts["encap_drop_no_route"]
 
 
+@pytest.mark.parametrize("udp_pair", MODES, indirect=True)
 def test_tcp_connect_to_a_subnet_without_lease_fails_at_once(udp_pair: Pair) -> None:
     # Without the ICMP reaching the sender (flanneld's bug) this connect would hang until the timeout.
     out = py(udp_pair.containers[0], CONNECT, "10.10.77.7")
@@ -179,6 +187,7 @@ for outer_src, inner_src, payload in [a.split(",") for a in sys.argv[2:]]:
 """
 
 
+@pytest.mark.parametrize("udp_pair", MODES, indirect=True)
 def test_datagrams_from_a_host_without_lease_never_reach_the_tun(udp_pair: Pair) -> None:
     h2 = udp_pair.hosts[1]
     sh("ip", "-n", h2, "addr", "replace", "10.99.0.9/24", "dev", "eth0")  # a host on the link with no lease
@@ -201,6 +210,7 @@ def test_datagrams_from_a_host_without_lease_never_reach_the_tun(udp_pair: Pair)
     assert counts["decap_drop_spoofed_source"] - before["decap_drop_spoofed_source"] == 1
 
 
+@pytest.mark.parametrize("udp_pair", MODES, indirect=True)
 def test_route_changes_do_not_disturb_other_flows(udp_pair: Pair) -> None:
     """Leases for other subnets come and go while c1 pings c2: not one ping is lost."""
     node = udp_pair.nodes[0]
@@ -232,6 +242,7 @@ def test_route_changes_do_not_disturb_other_flows(udp_pair: Pair) -> None:
     assert ping(udp_pair.containers[0], udp_pair.container_ips[1], count=1).returncode == 0
 
 
+@pytest.mark.parametrize("udp_pair", MODES, indirect=True)
 def test_iperf3_tcp_over_the_udp_backend(udp_pair: Pair) -> None:
     """Throughput is reported, not judged: the pass criterion is that iperf3 moves data both ways."""
     c1, c2 = udp_pair.containers
@@ -247,7 +258,8 @@ def test_iperf3_tcp_over_the_udp_backend(udp_pair: Pair) -> None:
         assert "error" not in result, result.get("error")
         received = result["end"]["sum_received"]
         assert received["bytes"] > 0
-        sys.stderr.write(f"iperf3 {udp_pair.datapath}: {received['bits_per_second'] / 1e9:.2f} Gbit/s\n")
+        sys.stderr.write(f"iperf3 {udp_pair.datapath} (offloads {udp_pair.nodes[0].ready['offloads']}): "
+                         f"{received['bits_per_second'] / 1e9:.2f} Gbit/s\n")
     finally:
         if server.poll() is None:
             server.kill()

@@ -1,6 +1,11 @@
 """What the udp backend puts on the host network (root): each datagram is UDP 8285 -> 8285 carrying
 exactly one inner IPv4 packet, as flanneld sends and expects. Captured with an AF_PACKET socket on
-the host's link inside its namespace.
+the host's link inside its namespace, with offloads off and on.
+
+With offloads on, the sender hands the kernel up to 64 datagrams at once (UDP GSO); a veth would carry
+them to the other namespace unsegmented, as one buffer, and the capture would see that buffer. A real
+NIC segments them; here the kernel is made to (tx-udp-segmentation off on both hosts' eth0), so the
+capture sees the datagrams that a wire would carry.
 """
 
 from __future__ import annotations
@@ -48,8 +53,28 @@ print(json.dumps(frames), flush=True)
 """
 
 
+NO_UDP_SEGMENTATION = r"""
+from pyroute2.ethtool import Ethtool
+e = Ethtool()
+features = e.get_features("eth0")
+features.features["tx-udp-segmentation"].enable = False
+e.set_features("eth0", features)
+assert not e.get_features("eth0").features["tx-udp-segmentation"].enable
+"""
+
+
+@pytest.mark.parametrize("udp_pair", ["compiled-0", "compiled-1"], indirect=True)
 def test_each_datagram_carries_exactly_one_inner_packet_port_8285(udp_pair: Pair) -> None:
     c1, c2 = udp_pair.containers
+    offloads = {n.ready["offloads"] for n in udp_pair.nodes}
+    if udp_pair.nodes[0].spec["offload"] == "1":
+        if offloads != {"tso,gso,gro"}:
+            pytest.skip(f"this kernel refuses some udp offloads: {offloads}")
+        for host in udp_pair.hosts:
+            out = py(host, NO_UDP_SEGMENTATION)
+            assert out.returncode == 0, out.stderr
+    else:
+        assert offloads == {"off"}
     cap = subprocess.Popen(["ip", "netns", "exec", udp_pair.hosts[0], sys.executable, "-c", CAPTURE],
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

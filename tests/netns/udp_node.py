@@ -1,7 +1,7 @@
 """One udp-backend node for the netns tests: run inside a host namespace with `ip netns exec`.
 
     python tests/netns/udp_node.py '{"network": "10.10.0.0/16", "subnet": "10.10.1.0/24",
-                                     "iface": "eth0", "datapath": "compiled"}'
+                                     "iface": "eth0", "datapath": "compiled", "offload": "1"}'
 
 Starts a UdpBackend for the lease, prints one JSON line {"ready": ...} (or {"error": ...}), then
 answers JSON commands read line by line from stdin, one JSON line each:
@@ -52,7 +52,8 @@ async def main(spec: dict[str, Any]) -> None:
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
     config = parse_config(json.dumps({"Network": spec["network"], **spec.get("config", {})}))
     iface = await asyncio.to_thread(external_iface, spec["iface"])
-    backend = UdpBackend(config, iface, datapath=spec.get("datapath"), tun_name=spec.get("tun", "flannel0"))
+    backend = UdpBackend(config, iface, datapath=spec.get("datapath"), tun_name=spec.get("tun", "flannel0"),
+                         offload=spec.get("offload"))
     own = Lease(IPv4Network(spec["subnet"]), await backend.lease_attrs())
     try:
         await backend.start(own)
@@ -60,6 +61,7 @@ async def main(spec: dict[str, Any]) -> None:
         say({"error": str(e)})
         return
     say({"ready": True, "mtu": backend.mtu, "public_ip": str(iface.public_ip),
+         "offloads": backend.offloads.describe(),
          "lease": json.loads(own.attrs.to_json())})
     runner = asyncio.create_task(backend.run())
     loop = asyncio.get_running_loop()

@@ -10,7 +10,9 @@ drops as a martian). Linux treats type 3 code 0 as a soft error: TCP connect() f
 ENETUNREACH; a connected UDP socket sees it when IP_RECVERR is set (as glibc's resolver does).
 
 FLANNELPY_DATAPATH=compiled|python and FLANNELPY_BATCH=1..1024 (packets per wake-up) select the data
-path, for benchmarks; the constructor's datapath= and batch= take precedence.
+path, for benchmarks; FLANNELPY_OFFLOAD=1|0|tso,gso,gro the kernel offloads of the compiled one (see
+offload.py: on by default, off with batch 1). The constructor's datapath=, batch= and offload= take
+precedence.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import structlog
 from flannelpy.backend.base import Backend, ExternalInterface
 from flannelpy.backend.udp.datapath import Datapath, choose_batch, choose_datapath, core_module, make_datapath
 from flannelpy.backend.udp.device import TunDevice
+from flannelpy.backend.udp.offload import Offloads, choose_offloads, enable_udp_gro, enable_udp_gso
 from flannelpy.config import NetworkConfig
 from flannelpy.errors import ConfigError, FlannelError
 from flannelpy.subnet.lease import Lease, LeaseAttrs
@@ -46,7 +49,7 @@ class UdpBackend(Backend):
     type = "udp"
 
     def __init__(self, config: NetworkConfig, iface: ExternalInterface, *, datapath: str | None = None,
-                 tun_name: str = "flannel0", batch: int | None = None) -> None:
+                 tun_name: str = "flannel0", batch: int | None = None, offload: bool | str | None = None) -> None:
         super().__init__(config, iface)
         if config.network is None:
             raise ConfigError("the udp backend needs an IPv4 Network in the config (EnableIPv4 with Network)")
@@ -54,6 +57,8 @@ class UdpBackend(Backend):
         self.datapath_kind = choose_datapath(datapath)
         self.tun_name = tun_name
         self.batch = choose_batch(batch)
+        self.offloads_wanted = choose_offloads(offload, self.batch, self.datapath_kind)
+        self.offloads = Offloads()  # what the kernel granted, known after start()
         self.port = config.backend.port
         mod = core_module(self.datapath_kind)
         self.table = mod.RouteTable(int(self.network.network_address), self.network.prefixlen,
@@ -80,11 +85,19 @@ class UdpBackend(Backend):
         self.lease = lease
         self._loop = asyncio.get_running_loop()
         address = lease.subnet.network_address  # flanneld gives flannel0 `<subnet>.0/32`
-        self.tun = await asyncio.to_thread(TunDevice.create, self.tun_name, address, self.mtu, self.network)
+        wanted = self.offloads_wanted
+        self.tun = await asyncio.to_thread(TunDevice.create, self.tun_name, address, self.mtu, self.network,
+                                           vnet_hdr=wanted.vnet_hdr, tso=wanted.tso)
         try:
             self.sock = self._bind()
+            self.offloads = Offloads(tso=self.tun.tso, gso=wanted.gso and enable_udp_gso(self.sock),
+                                     gro=wanted.gro and enable_udp_gro(self.sock))
+            if self.offloads != wanted:
+                log.warning("udp offloads refused by the kernel, running without them", wanted=wanted.describe(),
+                            granted=self.offloads.describe())
             self.datapath = make_datapath(self.datapath_kind, self.core, self.tun.fd, self.sock.fileno(),
-                                          self.port, self.batch)
+                                          self.port, self.batch, vnet_hdr=self.tun.vnet_hdr,
+                                          gso=self.offloads.gso, gro=self.offloads.gro)
             for name, target in (("encap", self.datapath.run_encap), ("decap", self.datapath.run_decap)):
                 t = threading.Thread(target=self._run_loop, args=(name, target), name=f"flannelpy-{name}",
                                      daemon=True)
@@ -94,7 +107,8 @@ class UdpBackend(Backend):
             await self.stop()
             raise
         log.info("udp backend started", device=self.tun.name, subnet=str(lease.subnet), mtu=self.mtu,
-                 listen=f"{self.iface.ip}:{self.port}", datapath=self.datapath_kind, batch=self.batch)
+                 listen=f"{self.iface.ip}:{self.port}", datapath=self.datapath_kind, batch=self.batch,
+                 offloads=self.offloads.describe())
 
     def _bind(self) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -62,12 +62,16 @@ def core_module(kind: str) -> Any:
 
 
 def make_datapath(kind: str, core: Any, tun_fd: int, udp_fd: int, port: int,
-                  batch: int = DEFAULT_BATCH) -> Datapath:
+                  batch: int = DEFAULT_BATCH, *, vnet_hdr: bool = False, gso: bool = False,
+                  gro: bool = False) -> Datapath:
+    """vnet_hdr, gso, gro: what the TUN and the socket were given (compiled data path only)."""
     if kind == "python":
+        if vnet_hdr or gso or gro:
+            raise ValueError("the Python data path has no offloads (vnet_hdr, gso, gro)")
         return PythonDatapath(core, tun_fd, udp_fd, port, batch)
     from fastpath import io
 
-    dp: Datapath = io.Datapath(core, tun_fd, udp_fd, port, batch)
+    dp: Datapath = io.Datapath(core, tun_fd, udp_fd, port, batch, vnet_hdr=vnet_hdr, gso=gso, gro=gro)
     return dp
 
 

@@ -3,6 +3,11 @@
 As flanneld: IFF_TUN | IFF_NO_PI, address `<subnet>.0/32`, the backend MTU, up, and one route for the
 whole Network through the device. The device is not persistent: closing the fd removes it, together
 with its address and route.
+
+With offloads (see offload.py) the device is also opened with IFF_VNET_HDR (every read and write
+carries a virtio_net_hdr) and TUNSETOFFLOAD(TUN_F_CSUM | TUN_F_TSO4), so that the kernel hands over
+64 KB TCP super-packets. TSO6 is not asked for: the flannel network is IPv4 and IPv6 packets are
+dropped, one by one as without offloads. A kernel that refuses either keeps working without it.
 """
 
 from __future__ import annotations
@@ -22,8 +27,12 @@ from flannelpy.errors import FlannelError
 log = structlog.get_logger()
 
 TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
 IFNAMSIZ = 16
 
 
@@ -31,8 +40,9 @@ class TunError(FlannelError):
     """The TUN device could not be created or configured."""
 
 
-def open_tun(name: str) -> tuple[int, str]:
-    """Open a TUN device (non-blocking fd) named `name`; returns (fd, the kernel's name)."""
+def open_tun(name: str, vnet_hdr: bool = False) -> tuple[int, str]:
+    """Open a TUN device (non-blocking fd) named `name`, with IFF_VNET_HDR if asked; returns (fd, the
+    kernel's name)."""
     if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or " " in name:
         raise TunError(f"TUN device name {name!r} is invalid: 1..15 characters, no '/' or spaces")
     try:
@@ -42,7 +52,7 @@ def open_tun(name: str) -> tuple[int, str]:
     except PermissionError:
         raise TunError("cannot open /dev/net/tun: run as root or with CAP_NET_ADMIN") from None
     try:
-        ifr = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI)
+        ifr = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0))
         out = fcntl.ioctl(fd, TUNSETIFF, ifr)
     except OSError as e:
         os.close(fd)
@@ -65,14 +75,33 @@ def open_tun(name: str) -> tuple[int, str]:
 class TunDevice:
     """flannel0: the fd the data path reads and writes, and its netlink configuration."""
 
-    def __init__(self, fd: int, name: str, index: int) -> None:
+    def __init__(self, fd: int, name: str, index: int, vnet_hdr: bool = False, tso: bool = False) -> None:
         self.fd = fd
         self.name = name
         self.index = index
+        self.vnet_hdr = vnet_hdr  # reads and writes carry a virtio_net_hdr
+        self.tso = tso  # the kernel may hand over TCP super-packets (TUN_F_TSO4)
 
     @classmethod
-    def create(cls, name: str, address: IPv4Address, mtu: int, network: IPv4Network) -> TunDevice:
-        fd, kname = open_tun(name)
+    def create(cls, name: str, address: IPv4Address, mtu: int, network: IPv4Network, *,
+               vnet_hdr: bool = False, tso: bool = False) -> TunDevice:
+        """vnet_hdr: open with IFF_VNET_HDR; tso: also TUNSETOFFLOAD(CSUM | TSO4). What the kernel refuses
+        is left off and logged (the returned device says what it got)."""
+        try:
+            fd, kname = open_tun(name, vnet_hdr)
+        except TunError:
+            if not vnet_hdr:
+                raise
+            fd, kname = open_tun(name)
+            log.warning("TUN offloads unavailable, running without", device=name, refused="IFF_VNET_HDR")
+            vnet_hdr = tso = False
+        if tso:
+            try:
+                fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4)
+            except OSError as e:
+                log.warning("TUN offloads unavailable, running without", device=kname, refused="TUNSETOFFLOAD",
+                            error=e.strerror)
+                tso = False
         try:
             with IPRoute() as ipr:
                 found = ipr.link_lookup(ifname=kname)
@@ -98,8 +127,9 @@ class TunDevice:
         except BaseException:
             os.close(fd)
             raise
-        log.info("TUN device ready", device=kname, address=f"{address}/32", mtu=mtu, route=str(network))
-        return cls(fd, kname, index)
+        log.info("TUN device ready", device=kname, address=f"{address}/32", mtu=mtu, route=str(network),
+                 vnet_hdr=vnet_hdr, tso=tso)
+        return cls(fd, kname, index, vnet_hdr, tso)
 
     def close(self) -> None:
         """Close the fd; the kernel removes the (non-persistent) device, its address and route."""

@@ -5,6 +5,11 @@ as with IFF_NO_PI), the other is the kernel's side, where a test injects packets
 data path delivered. FakeNode is one complete node (route table, packet core, fake TUN, a real UDP
 socket on a loopback address, the data-path threads); two of them exchange real datagrams over
 127.0.0.0/8, each with its own "PublicIP" (127.0.0.2, 127.0.0.3, ...).
+
+With offloads (FakeNode(..., offload=True)) the fake TUN carries a virtio_net_hdr before every packet,
+as flannel0 with IFF_VNET_HDR does: inject() puts one in front (empty unless given: a test may hand
+the data path a TCP super-packet as the kernel would), receive() takes it off and keeps it in
+last_vnet. The socket gets UDP GSO and GRO, which loopback carries like a NIC that does both.
 """
 
 from __future__ import annotations
@@ -15,11 +20,17 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from flannelpy.backend.udp.datapath import DEFAULT_BATCH, Datapath, core_module, make_datapath
+from flannelpy.backend.udp.offload import Offloads, choose_offloads, enable_udp_gro, enable_udp_gso
+
+VNET_LEN = 10
+EMPTY_VNET = bytes(VNET_LEN)
 
 
 class FakeTun:
-    def __init__(self, mtu: int) -> None:
+    def __init__(self, mtu: int, vnet_hdr: bool = False) -> None:
         self.mtu = mtu
+        self.vnet_hdr = vnet_hdr
+        self.last_vnet = EMPTY_VNET
         self._dp, self.kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._dp.setblocking(False)
         for s in (self._dp, self.kernel):
@@ -31,17 +42,27 @@ class FakeTun:
         """The data path's end (non-blocking)."""
         return self._dp.fileno()
 
-    def inject(self, pkt: bytes) -> None:
-        """A packet the kernel routed into the TUN (the data path will encap it)."""
-        self.kernel.send(pkt)
+    def inject(self, pkt: bytes, vnet: bytes | None = None) -> None:
+        """A packet the kernel routed into the TUN (the data path will encap it); vnet: its
+        virtio_net_hdr when the TUN has one (default: empty)."""
+        if self.vnet_hdr:
+            self.kernel.send((vnet or EMPTY_VNET) + bytes(pkt))
+        elif vnet is not None:
+            raise ValueError("this fake TUN has no virtio_net_hdr (FakeTun(vnet_hdr=True))")
+        else:
+            self.kernel.send(pkt)
 
     def receive(self, timeout: float = 2.0) -> bytes | None:
-        """The next packet the data path wrote into the TUN, or None after timeout seconds."""
+        """The next packet the data path wrote into the TUN, or None after timeout seconds (its
+        virtio_net_hdr, if any, goes to last_vnet)."""
         self.kernel.settimeout(timeout)
         try:
-            return self.kernel.recv(65536)
+            data = self.kernel.recv(65536 + VNET_LEN)
         except TimeoutError:
             return None
+        if self.vnet_hdr:
+            self.last_vnet, data = data[:VNET_LEN], data[VNET_LEN:]
+        return data
 
     def close(self) -> None:
         self._dp.close()
@@ -52,7 +73,8 @@ class FakeNode:
     """One node: subnet, PublicIP (a loopback address), fake TUN, UDP socket, data path threads."""
 
     def __init__(self, kind: str, network: IPv4Network, subnet_len: int, subnet: IPv4Network,
-                 public_ip: str, port: int, mtu: int = 1472, batch: int = DEFAULT_BATCH) -> None:
+                 public_ip: str, port: int, mtu: int = 1472, batch: int = DEFAULT_BATCH,
+                 offload: bool | str = False) -> None:
         mod = core_module(kind)
         self.kind = kind
         self.subnet = subnet
@@ -60,10 +82,15 @@ class FakeNode:
         self.port = port
         self.table: Any = mod.RouteTable(int(network.network_address), network.prefixlen, subnet_len)
         self.core: Any = mod.PacketCore(self.table, mtu)
-        self.tun = FakeTun(mtu)
+        wanted = choose_offloads(offload, batch, kind)
+        self.tun = FakeTun(mtu, vnet_hdr=wanted.vnet_hdr)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((public_ip, port))
-        self.datapath: Datapath = make_datapath(kind, self.core, self.tun.fd, self.sock.fileno(), port, batch)
+        self.offloads = Offloads(tso=wanted.tso, gso=wanted.gso and enable_udp_gso(self.sock),
+                                 gro=wanted.gro and enable_udp_gro(self.sock))
+        self.datapath: Datapath = make_datapath(kind, self.core, self.tun.fd, self.sock.fileno(), port, batch,
+                                                vnet_hdr=wanted.vnet_hdr, gso=self.offloads.gso,
+                                                gro=self.offloads.gro)
         self.errors: list[BaseException] = []
         self.threads = [threading.Thread(target=self._run, args=(f,), daemon=True)
                         for f in (self.datapath.run_encap, self.datapath.run_decap)]
