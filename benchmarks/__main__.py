@@ -30,7 +30,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", default="", help="comma-separated data-path configurations or presets (default: "
                    "raw-veth,kernel-vxlan,flannelpy-host-gw,flannelpy-vxlan,flannelpy-udp-compiled,"
                    "flannelpy-udp-python,flannelpy-udp-batch1, plus flanneld-udp,flanneld-vxlan when FLANNELD_BIN "
-                   "is set); also flannelpy-udp-batch64, flannelpy-udp-tso, flannelpy-udp-tso-gso; preset "
+                   "is set); also flannelpy-udp-batch64, flannelpy-udp-tso, flannelpy-udp-tso-gso; presets: default, "
                    "udp-steps = the udp backend from 1 packet/syscall to every offload, with the two references")
     p.add_argument("--peers", default="", help="control plane: peer counts for lease -> route (default 1,50)")
     p.add_argument("--start-sizes", default="", help="control plane: leases in etcd at daemon start "

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from benchmarks import report, traffic
-from benchmarks.testbed import PRESETS, Config, Pair, SetupError, Testbed, default_configs
+from benchmarks.testbed import PRESETS, Config, Pair, SetupError, Testbed, default_configs, preset_names
 
 MEASUREMENTS = ("tcp1", "tcp4", "udp64", "udp1400", "ping")
 REFERENCES = {"ratio_to_raw_veth": "raw-veth", "ratio_to_kernel_vxlan": "kernel-vxlan"}
@@ -42,12 +42,12 @@ def select_configs(only: tuple[str, ...]) -> list[Config]:
     configs = default_configs()
     if not only:
         return [c for c in configs if c.default]
-    names = list(dict.fromkeys(n for name in only for n in PRESETS.get(name, (name,))))
+    names = list(dict.fromkeys(n for name in only for n in (preset_names(name) or (name,))))
     by_name = {c.name: c for c in configs}
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise SystemExit(f"unknown configuration(s) {', '.join(unknown)}; choose from: {', '.join(by_name)} "
-                         f"or a preset: {', '.join(PRESETS)}")
+                         f"or a preset: default, {', '.join(PRESETS)}")
     return [by_name[n] for n in names]
 
 

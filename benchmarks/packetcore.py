@@ -66,9 +66,17 @@ KIND_TITLES = {"c": "compiled, C call", "compiled": "compiled, Python call", "py
 
 def _coreloop(build_dir: Path) -> ModuleType:
     """benchmarks/coreloop.pyx, compiled on first use (needs Cython and a C compiler, as setup.py does)."""
+    import hashlib
+
     import pyximport
 
-    pyximport.install(build_dir=str(build_dir), language_level=3, inplace=False)
+    import fastpath
+
+    # pyximport does not notice a changed fastpath/core.pxd; a stale build would call the wrong C methods.
+    digest = hashlib.sha256()
+    for source in (Path(__file__).with_name("coreloop.pyx"), Path(fastpath.__file__).with_name("core.pxd")):
+        digest.update(source.read_bytes())
+    pyximport.install(build_dir=str(build_dir / digest.hexdigest()[:12]), language_level=3, inplace=False)
     from benchmarks import coreloop  # type: ignore[attr-defined]
 
     return coreloop

@@ -63,6 +63,13 @@ PRESETS: dict[str, tuple[str, ...]] = {
 }
 
 
+def preset_names(name: str) -> tuple[str, ...] | None:
+    """The configurations a preset stands for ("default": a plain run's), or None."""
+    if name == "default":
+        return tuple(c.name for c in default_configs() if c.default)
+    return PRESETS.get(name)
+
+
 def flanneld_bin() -> str | None:
     """FLANNELD_BIN when it names an executable file, else None."""
     path = os.environ.get("FLANNELD_BIN", "").strip()
