@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-VERBS = ("all", "datapath", "controlplane", "packetcore")
+VERBS = ("all", "datapath", "controlplane", "packetcore", "report")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -21,7 +21,8 @@ def parser() -> argparse.ArgumentParser:
         description="flannelpy benchmarks: data path (two hosts in network namespaces, iperf3 and ping), control "
         "plane (etcd leases to routes, start-up, concurrent acquisition) and the packet core (ns per packet).",
     )
-    p.add_argument("verb", nargs="?", default="all", choices=VERBS, help="what to run (default: all)")
+    p.add_argument("verb", nargs="?", default="all", choices=VERBS,
+                   help="what to run (default: all); report: render the tables and chart again from the JSON in --out")
     p.add_argument("--quick", action="store_true", help="one repetition, one second per measurement (smoke test)")
     p.add_argument("--reps", type=int, default=None, help="repetitions per measurement (default 3; --quick: 1)")
     p.add_argument("--duration", type=float, default=None, help="seconds per iperf3 test (default 4; --quick: 1)")
@@ -71,6 +72,30 @@ def _quiet_logs() -> None:
                         logger_factory=structlog.PrintLoggerFactory(sys.stderr))
 
 
+def _rerender(out: Path, console: Console) -> int:
+    import json
+
+    from benchmarks import controlplane, datapath, packetcore
+
+    found = 0
+    for name in ("packetcore", "controlplane", "datapath"):
+        path = out / f"{name}.json"
+        if not path.exists():
+            continue
+        found += 1
+        data = json.loads(path.read_text())
+        if name == "datapath":
+            datapath.write(data, out, console, json_too=False)
+            continue
+        table = packetcore.markdown(data) if name == "packetcore" else controlplane.markdown(data)
+        (out / f"{name}.md").write_text(table)
+        print(table, flush=True)
+    if not found:
+        console.print(f"[red]error:[/red] no datapath.json, controlplane.json or packetcore.json in {out}")
+        return 2
+    return 0
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -93,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     if reps < 1:
         console.print("[red]error:[/red] --reps must be at least 1")
         return 2
+    if args.verb == "report":
+        return _rerender(out, console)
     try:
         if args.verb in ("all", "packetcore"):
             from benchmarks import packetcore

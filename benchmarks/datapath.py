@@ -219,14 +219,18 @@ def _progress(console: Console) -> Progress:
                          console=console, transient=False, disable=not console.is_terminal)
 
 
-def write(data: dict[str, Any], out_dir: Path, console: Console) -> None:
+def write(data: dict[str, Any], out_dir: Path, console: Console, *, json_too: bool = True) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    report.write_json(out_dir / "datapath.json", data)
+    if json_too:
+        report.write_json(out_dir / "datapath.json", data)
     table = report.datapath_markdown(data)
+    steps = report.udp_steps_markdown(data)
+    if steps:
+        table += "\n" + steps
     (out_dir / "datapath.md").write_text(table)
     problem = report.datapath_chart(data, out_dir / "datapath.png")
     print(table, flush=True)  # stdout, unwrapped: the table is the result
     if problem:
         console.print(f"[yellow]{problem}[/yellow]")
-    console.print(f"wrote {out_dir / 'datapath.json'}, {out_dir / 'datapath.md'}"
+    console.print(f"wrote {out_dir / 'datapath.json'}, " * json_too + f"{out_dir / 'datapath.md'}"
                   + ("" if problem else f", {out_dir / 'datapath.png'}"))

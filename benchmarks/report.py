@@ -159,6 +159,61 @@ def datapath_markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+UDP_STEPS = ("flannelpy-udp-batch1", "flannelpy-udp-batch64", "flannelpy-udp-tso", "flannelpy-udp-tso-gso",
+             "flannelpy-udp-compiled")
+
+
+def udp_steps_markdown(data: dict[str, Any]) -> str:
+    """The udp backend step by step, and issue 6's goals checked on this run's medians ("" if not measured)."""
+    by_name = {c["name"]: c for c in data["configs"]}
+    steps = [by_name[n] for n in UDP_STEPS if n in by_name and by_name[n]["status"] != "skipped"]
+    if len(steps) < 2:
+        return ""
+
+    def med(c: dict[str, Any] | None, key: str) -> float | None:
+        return None if c is None else c["metrics"][key]["median"]
+
+    def cell(v: float | None, fmt: str) -> str:
+        return "failed" if v is None else fmt.format(v)
+
+    kvx = by_name.get("kernel-vxlan")
+    lines = ["| udp data path | TCP 1 stream (Gbit/s) | TCP 4 streams (Gbit/s) | UDP 64 B (kpps) | RTT p50 (ms) | "
+             "RTT p99 (ms) | daemon CPU (s/GB) | TCP 1 vs kernel vxlan |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in steps:
+        t1, kv = med(c, "tcp1_gbps"), med(kvx, "tcp1_gbps")
+        lines.append(f"| {c['label']} | {cell(t1, '{:.2f}')} | {cell(med(c, 'tcp4_gbps'), '{:.2f}')} | "
+                     f"{cell(med(c, 'udp64_kpps'), '{:.0f}')} | {cell(med(c, 'rtt_p50_ms'), '{:.3f}')} | "
+                     f"{cell(med(c, 'rtt_p99_ms'), '{:.3f}')} | {cell(med(c, 'cpu_s_per_gb'), '{:.2f}')} | "
+                     + (f"{t1 / kv:.2f}x |" if t1 is not None and kv else "— |"))
+    best, base = by_name.get("flannelpy-udp-compiled"), by_name.get("flannelpy-udp-batch1")
+    goals = []
+
+    def goal(text: str, value: float | None, limit: float | None, at_least: bool) -> None:
+        if value is None or limit is None:
+            goals.append(f"| {text} | not measured | |")
+            return
+        met = value >= limit if at_least else value <= limit
+        goals.append(f"| {text} | {value:.3g} vs {limit:.3g} | {'met' if met else 'not met'} |")
+
+    if best is not None:
+        for key, name in (("tcp1_gbps", "1 stream"), ("tcp4_gbps", "4 streams")):
+            k = med(kvx, key)
+            goal(f"TCP {name} >= 0.5x kernel vxlan (Gbit/s)", med(best, key), None if k is None else 0.5 * k, True)
+        b = med(base, "udp64_kpps")
+        goal("UDP 64 B rate >= 2x one packet per syscall (kpps)", med(best, "udp64_kpps"),
+             None if b is None else 2 * b, True)
+        k = med(kvx, "rtt_p50_ms")
+        goal("ping RTT p50 <= 2x kernel vxlan (ms)", med(best, "rtt_p50_ms"), None if k is None else 2 * k, False)
+        b = med(base, "cpu_s_per_gb")
+        goal("daemon CPU per GB <= 0.5x one packet per syscall (s/GB)", med(best, "cpu_s_per_gb"),
+             None if b is None else 0.5 * b, False)
+    text = "The udp backend step by step (same run, medians):\n\n" + "\n".join(lines) + "\n"
+    if goals:
+        text += ("\nIssue 6's goals, on this run (all offloads on, as by default, against the references):\n\n"
+                 "| goal | measured vs limit | |\n|---|---:|---|\n" + "\n".join(goals) + "\n")
+    return text
+
+
 def datapath_chart(data: dict[str, Any], path: Path) -> str | None:
     """A PNG with TCP throughput, UDP packet rate and RTT side by side; None when matplotlib is missing."""
     try:
