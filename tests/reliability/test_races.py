@@ -7,6 +7,7 @@ iptables rules, so the race is the control plane's alone.
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Iterator
 from ipaddress import IPv4Network
@@ -31,17 +32,25 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     c = Cluster(hosts=3, containers_per_host=0, config=TIGHT, workdir=tmp_path_factory.mktemp("races"),
                 daemon_args=["--log-format=json", "--iptables-forward-rules=false"])
     with c:
-        for name in list(c.daemons):
-            c.stop_daemon(name)
+        stop_all(c)
         while len(c.topology.hosts) < CONTENDERS:
             c.topology.add_host()
         yield c
+        stop_all(c)
+
+
+def stop_all(c: Cluster) -> None:
+    """SIGTERM to every daemon at once, then reap each (stop_daemon one by one waits for each in turn)."""
+    for proc in c.daemons.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for name in list(c.daemons):
+        c.stop_daemon(name)
 
 
 def start_all(c: Cluster, config: dict[str, object], count: int) -> list[str]:
     """Fresh state (no leases, no subnet files), then `count` daemons started back to back."""
-    for name in list(c.daemons):
-        c.stop_daemon(name)
+    stop_all(c)
     c.etcdctl("del", "--prefix", f"{c.etcd_prefix}/subnets/")
     c.etcdctl("put", f"{c.etcd_prefix}/config", json.dumps(config))
     names = list(c.topology.hosts)[:count]
