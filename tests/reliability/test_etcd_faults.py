@@ -38,7 +38,7 @@ from tests.reliability.observe import (
 FREEZE_SECONDS = 30.0 if SOAK else 10.0
 OUTAGE_SECONDS = 120.0 if SOAK else 20.0
 PING_INTERVAL = 0.05
-_fake = itertools.count(200)
+_fake = itertools.cycle(range(128, 255))  # above the first 100 free subnets, where real hosts get theirs
 
 
 @dataclass
@@ -51,7 +51,7 @@ class FakeLease:
     @classmethod
     def next(cls) -> FakeLease:
         n = next(_fake)
-        return cls(IPv4Network(f"10.10.{n}.0/24"), f"10.99.0.{n}")
+        return cls(IPv4Network(f"10.10.{n}.0/24"), "10.99.0.250")
 
     @property
     def value(self) -> str:
