@@ -605,10 +605,10 @@ cdef class Datapath:
                                 counts[C_ENCAP_DROP + bad] += 1
                                 continue
                             stride = (t.hdr_len + 7) & ~7
-                            if hused + t.nseg * stride > HDR_SCRATCH:
-                                sender_flush(&s, counts)
-                                hused = 0
                             for j in range(t.nseg):
+                                if hused + stride > HDR_SCRATCH:
+                                    sender_flush(&s, counts)  # the queued datagrams point into hdrs
+                                    hused = 0
                                 h = hdrs + hused
                                 hused += stride
                                 plen = fp_tso_segment(pkt, &t, j, h)
@@ -702,12 +702,14 @@ cdef class Datapath:
                     if msgs[i].msg_hdr.msg_flags & MSG_TRUNC and n <= slot:
                         n = slot + 1
                     g = 0
-                    if gro:
+                    if gro and not msgs[i].msg_hdr.msg_flags & MSG_TRUNC:
                         c = CMSG_FIRSTHDR(&msgs[i].msg_hdr)
                         while c != NULL:
-                            if c.cmsg_level == FP_SOL_UDP and c.cmsg_type == FP_UDP_GRO:
+                            if (c.cmsg_level == FP_SOL_UDP and c.cmsg_type == FP_UDP_GRO
+                                    and c.cmsg_len >= CMSG_LEN(sizeof(int))):
                                 memcpy(&g, CMSG_DATA(c), sizeof(int))
                             c = CMSG_NXTHDR(&msgs[i].msg_hdr, c)
+                    # A truncated buffer stays one piece (an oversized drop): no segment past its end.
                     if g <= 0 or g >= n:
                         g = n if n > 0 else 1
                     sender = ntohl(addrs[i].sin_addr.s_addr)
