@@ -25,7 +25,8 @@ def parser() -> argparse.ArgumentParser:
                    help="what to run (default: all); report: render the tables and chart again from the JSON in --out")
     p.add_argument("--quick", action="store_true", help="one repetition, one second per measurement (smoke test)")
     p.add_argument("--reps", type=int, default=None, help="repetitions per measurement (default 3; --quick: 1)")
-    p.add_argument("--duration", type=float, default=None, help="seconds per iperf3 test (default 4; --quick: 1)")
+    p.add_argument("--duration", type=float, default=None,
+                   help="seconds per iperf3 test and UDP flood (default 4; --quick: 1)")
     p.add_argument("--ping-count", type=int, default=None,
                    help="pings at 10 ms per RTT measurement (default 300; --quick: 100)")
     p.add_argument("--configs", default="", help="comma-separated data-path configurations or presets (default: "
@@ -33,6 +34,8 @@ def parser() -> argparse.ArgumentParser:
                    "flannelpy-udp-python,flannelpy-udp-batch1, plus flanneld-udp,flanneld-vxlan when FLANNELD_BIN "
                    "is set); also flannelpy-udp-batch64, flannelpy-udp-tso, flannelpy-udp-tso-gso; presets: default, "
                    "udp-steps = the udp backend from 1 packet/syscall to every offload, with the two references")
+    p.add_argument("--measurements", default="", help="data path: comma-separated subset of "
+                   "tcp1,tcp4,udp64,udp1400,ping (default: all); the others show as not measured")
     p.add_argument("--peers", default="", help="control plane: peer counts for lease -> route (default 1,50)")
     p.add_argument("--start-sizes", default="", help="control plane: leases in etcd at daemon start "
                    "(default 0,1000,10000)")
@@ -144,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
 
             params = datapath.Params.quick_mode(only) if args.quick else datapath.Params(only=only)
             params.reps = reps
+            if args.measurements:
+                params.measurements = datapath.parse_measurements(args.measurements)
             if args.duration is not None:
                 params.duration = args.duration
             if args.ping_count is not None:

@@ -1,7 +1,8 @@
 """Data-path benchmark: every configuration on one testbed, measured round-robin, medians and ratios.
 
 Each repetition visits every configuration in turn and runs the same five measurements on it (TCP 1 and
-4 streams, UDP 64 B and 1400 B, ping), so drift of the machine over the run hits every configuration alike.
+4 streams, UDP 64 B and 1400 B from a batched generator, ping), so drift of the machine over the run hits
+every configuration alike.
 """
 
 from __future__ import annotations
@@ -30,11 +31,22 @@ class Params:
     ping_interval: float = 0.01
     quick: bool = False
     only: tuple[str, ...] = ()  # configuration names; empty: all
+    measurements: tuple[str, ...] = MEASUREMENTS  # a subset skips the others (shown as not measured)
+    udp_generator: str = "flood"  # UDP rates: benchmarks/udpflood.pyx, 64 datagrams per system call
 
     @classmethod
     def quick_mode(cls, only: tuple[str, ...] = ()) -> Params:
         """One repetition, one second per measurement."""
         return cls(reps=1, duration=1.0, ping_count=100, quick=True, only=only)
+
+
+def parse_measurements(text: str) -> tuple[str, ...]:
+    """--measurements: a comma-separated subset of MEASUREMENTS, kept in the harness's order."""
+    names = {n.strip() for n in text.split(",") if n.strip()}
+    unknown = sorted(names - set(MEASUREMENTS))
+    if unknown or not names:
+        raise SystemExit(f"--measurements={text!r}: choose one or more of {','.join(MEASUREMENTS)}")
+    return tuple(m for m in MEASUREMENTS if m in names)
 
 
 def select_configs(only: tuple[str, ...]) -> list[Config]:
@@ -78,6 +90,20 @@ def _samples(runs: list[dict[str, Any]], what: str, field: str) -> tuple[list[fl
     return values, errors
 
 
+def _cpu_per_packet(runs: list[dict[str, Any]]) -> tuple[list[float], list[str]]:
+    """Daemon CPU microseconds per 64 B datagram delivered by the flood."""
+    values, errors = [], []
+    for run in runs:
+        result = run.get("udp64")
+        if result is None:
+            continue
+        if "error" in result:
+            errors.append(result["error"])
+        elif "received" in result:  # the flood; iperf3's UDP results of older runs lack it
+            values.append(1e6 * result["cpu_s"] / result["received"])
+    return values, errors
+
+
 def _cpu_per_gb(runs: list[dict[str, Any]]) -> tuple[list[float], list[str]]:
     values, errors = [], []
     for run in runs:
@@ -90,23 +116,46 @@ def _cpu_per_gb(runs: list[dict[str, Any]]) -> tuple[list[float], list[str]]:
     return values, errors
 
 
-def aggregate(config: Config, runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """metric key -> {median, samples, errors, na}; a metric without a value is None, never 0."""
-    sources = {
-        "tcp1_gbps": ("tcp1", "gbps"), "tcp4_gbps": ("tcp4", "gbps"),
-        "udp64_kpps": ("udp64", "kpps"), "udp64_loss_pct": ("udp64", "loss_pct"),
-        "udp1400_kpps": ("udp1400", "kpps"), "udp1400_loss_pct": ("udp1400", "loss_pct"),
-        "rtt_p50_ms": ("ping", "p50_ms"), "rtt_p99_ms": ("ping", "p99_ms"),
-    }
+SOURCES = {
+    "tcp1_gbps": ("tcp1", "gbps"), "tcp4_gbps": ("tcp4", "gbps"),
+    "udp64_kpps": ("udp64", "kpps"), "udp64_loss_pct": ("udp64", "loss_pct"),
+    "udp1400_kpps": ("udp1400", "kpps"), "udp1400_loss_pct": ("udp1400", "loss_pct"),
+    "rtt_p50_ms": ("ping", "p50_ms"), "rtt_p99_ms": ("ping", "p99_ms"),
+}
+# From the daemons' own counters (/metrics): flannelpy only.
+COUNTER_SOURCES = {"udp64_fwd_kpps": ("udp64", "fwd_kpps"), "udp1400_fwd_kpps": ("udp1400", "fwd_kpps")}
+
+
+def aggregate(config: Config, runs: list[dict[str, Any]],
+              measured: tuple[str, ...] = MEASUREMENTS) -> dict[str, dict[str, Any]]:
+    """metric key -> {median, samples, errors, na}; a metric without a value is None, never 0.
+
+    `na` says why a metric has no value although nothing failed (no daemon, not asked for).
+    """
+    def entry(values: list[float], errors: list[str], na: str | None = None) -> dict[str, Any]:
+        return {"median": report.median(values), "samples": values, "errors": errors, "na": na}
+
+    skipped = "not measured (--measurements)"
     metrics: dict[str, dict[str, Any]] = {}
-    for key, (what, field) in sources.items():
-        values, errors = _samples(runs, what, field)
-        metrics[key] = {"median": report.median(values), "samples": values, "errors": errors, "na": None}
-    if config.has_daemon:
-        values, errors = _cpu_per_gb(runs)
-        metrics["cpu_s_per_gb"] = {"median": report.median(values), "samples": values, "errors": errors, "na": None}
+    for key, (what, field) in SOURCES.items():
+        metrics[key] = entry(*_samples(runs, what, field)) if what in measured else entry([], [], skipped)
+    counters = config.has_daemon and config.program == "flannelpy"
+    for key, (what, field) in COUNTER_SOURCES.items():
+        if what not in measured:
+            metrics[key] = entry([], [], skipped)
+        elif not counters:
+            metrics[key] = entry([], [], "no daemon" if not config.has_daemon else "no data-path counters")
+        else:
+            values, errors = _samples(runs, what, field)
+            metrics[key] = entry(values, errors)
+    if not config.has_daemon:
+        metrics["cpu_s_per_gb"] = entry([], [], "no daemon")
+        metrics["udp64_cpu_us_per_packet"] = entry([], [], "no daemon")
     else:
-        metrics["cpu_s_per_gb"] = {"median": None, "samples": [], "errors": [], "na": "no daemon"}
+        metrics["cpu_s_per_gb"] = (entry(*_cpu_per_gb(runs)) if {"tcp1", "tcp4"} <= set(measured)
+                                   else entry([], [], skipped))
+        metrics["udp64_cpu_us_per_packet"] = (entry(*_cpu_per_packet(runs)) if "udp64" in measured
+                                              else entry([], [], skipped))
     return metrics
 
 
@@ -141,9 +190,15 @@ def run(params: Params, out_dir: Path, console: Console | None = None) -> dict[s
         if c.skip_reason:
             results[c.name].update(status="skipped", reason=c.skip_reason)
     t0 = time.monotonic()
+    flood_problem = None
+    if {"udp64", "udp1400"} & set(params.measurements):
+        with console.status("compiling benchmarks/udpflood.pyx (first run only)"):
+            flood_problem = traffic.prepare_flood()
+        if flood_problem:
+            console.print(f"[red]UDP generator: {flood_problem}[/red]")
     try:
         with Testbed(out_dir / "logs") as bed, _progress(console) as progress:
-            total = len(runnable) + params.reps * len(runnable) * len(MEASUREMENTS)
+            total = len(runnable) + params.reps * len(runnable) * len(params.measurements)
             task = progress.add_task("building the testbed", total=total)
             data["testbed_prefix"] = bed.prefix
             pairs: list[Pair] = []
@@ -155,19 +210,19 @@ def run(params: Params, out_dir: Path, console: Console | None = None) -> dict[s
                 except SetupError as e:
                     results[c.name].update(status="failed", reason=str(e))
                     console.print(f"[red]{c.label}: failed: {e}[/red]")
-                    progress.advance(task, 1 + params.reps * len(MEASUREMENTS))
+                    progress.advance(task, 1 + params.reps * len(params.measurements))
                     continue
                 results[c.name].update(setup_seconds=round(time.monotonic() - ts, 2), detail=pair.detail)
                 pairs.append(pair)
                 progress.advance(task)
-            _round_robin(bed, pairs, params, results, progress, task)
+            _round_robin(bed, pairs, params, results, progress, task, flood_problem)
     except KeyboardInterrupt:
         data["interrupted"] = True
         console.print("[yellow]interrupted: the testbed is removed; partial results are written[/yellow]")
     data["seconds"] = round(time.monotonic() - t0, 1)
     for c in configs:
         entry = results[c.name]
-        entry["metrics"] = aggregate(c, entry["runs"])
+        entry["metrics"] = aggregate(c, entry["runs"], params.measurements)
         if entry["status"] == "pending":
             missing = [k for k, v in entry["metrics"].items() if v["median"] is None and not v["na"]]
             entry["status"] = "ok" if not missing else ("partial" if len(missing) < len(entry["metrics"]) else "failed")
@@ -184,17 +239,19 @@ def run(params: Params, out_dir: Path, console: Console | None = None) -> dict[s
 
 
 def _round_robin(bed: Testbed, pairs: list[Pair], params: Params, results: dict[str, dict[str, Any]],
-                 progress: Progress, task: Any) -> None:
+                 progress: Progress, task: Any, flood_problem: str | None = None) -> None:
     for rep in range(params.reps):
         for pair in pairs:
             entry = results[pair.config.name]
             run_result: dict[str, Any] = {"rep": rep + 1}
             entry["runs"].append(run_result)
-            for what in MEASUREMENTS:
+            for what in params.measurements:
                 progress.update(task, description=f"run {rep + 1}/{params.reps}: {pair.config.label}: {what}")
                 dead = bed.daemon_alive(pair)
                 if dead:
                     run_result[what] = {"error": dead}
+                elif flood_problem and what.startswith("udp"):
+                    run_result[what] = {"error": f"no UDP generator: {flood_problem}"}
                 else:
                     try:
                         run_result[what] = measure(pair, what, params)

@@ -31,6 +31,7 @@ from flannelpy.lab.etcd import EtcdCluster, EtcdMemberSpec
 from flannelpy.lab.topology import Host, LabError, Topology, kill_netns_processes, netns_exec, run
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+METRICS_PORT = 8473  # --healthz-port of every flannelpy daemon (one per host namespace, so no clash)
 
 
 class SetupError(RuntimeError):
@@ -125,6 +126,8 @@ class Pair:
     daemon_pids: list[int] = field(default_factory=list)
     mtu: int = 1500
     detail: dict[str, str] = field(default_factory=dict)
+    # Host namespaces whose daemon serves /metrics on METRICS_PORT (flannelpy only), client side first.
+    metrics_netns: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -279,6 +282,8 @@ class Testbed:
             if binary is None:
                 raise SetupError("FLANNELD_BIN does not name an executable flanneld")
             return host.exec_argv([binary, *flags])
+        # /metrics gives the data path's own packet counters (the harness reads them around the UDP floods).
+        flags.append(f"--healthz-port={METRICS_PORT}")
         return host.exec_argv([sys.executable, "-m", "flannelpy", *flags])
 
     def _setup_daemons(self, config: Config) -> Pair:
@@ -294,6 +299,7 @@ class Testbed:
             containers.append(self.topology.add_containers(host.name, subnet, mtu, 1)[0])
         return Pair(config, containers[0].netns, containers[1].netns, str(containers[1].address),
                     daemon_pids=[d.proc.pid for d in started], mtu=int(envs[1]["FLANNEL_MTU"]),
+                    metrics_netns=[h.netns for h in hosts] if config.program == "flannelpy" else [],
                     detail={"network": str(network["Network"]),
                             "subnets": " ".join(e["FLANNEL_SUBNET"] for e in envs)})
 
