@@ -2,43 +2,30 @@
 
 The harness runs `sink` in the server container and `send` in the client container; each prints one JSON
 line. The hot loops (sendmmsg/recvmmsg, 64 datagrams per call, no GIL) are benchmarks/udpflood.pyx,
-compiled on first use with pyximport into a cache keyed by the source, so the processes started in the
-namespaces load the build the harness made and never compile themselves.
+compiled on first use into a cache keyed by the source (benchmarks/pyxcache.py), so the processes started
+in the namespaces load the build the harness made.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import socket
 import struct
 import sys
-from pathlib import Path
 from types import ModuleType
+
+from benchmarks import pyxcache
 
 BATCH = 64
 PORT = 5301
 RCVBUF = 8 << 20  # room for bursts, so the sink's own socket is rarely where packets drop
-SOURCE = Path(__file__).with_name("udpflood.pyx")
-
-
-def build_cache() -> Path:
-    """Where run-time builds of benchmarks/*.pyx go: $XDG_CACHE_HOME or ~/.cache, outside the results."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "flannelpy-benchmarks"
 
 
 def load() -> ModuleType:
-    """benchmarks/udpflood.pyx, compiled on first use (needs Cython and a C compiler, as setup.py does)."""
-    import pyximport
-
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
-    pyximport.install(build_dir=str(build_cache() / f"udpflood-{digest}"), language_level=3, inplace=False)
-    from benchmarks import udpflood  # type: ignore[attr-defined]
-
-    return udpflood
+    """benchmarks/udpflood.pyx, compiled on first use (cached, see benchmarks/pyxcache.py)."""
+    return pyxcache.load("udpflood")
 
 
 def _sink(args: argparse.Namespace) -> dict[str, object]:

@@ -25,7 +25,7 @@ from typing import Any
 
 from rich.console import Console
 
-from benchmarks import report
+from benchmarks import pyxcache, report
 
 SIZES = (64, 512, 1400, 1472)
 MTU = 1472
@@ -64,22 +64,12 @@ KINDS = ("c", "compiled", "python")
 KIND_TITLES = {"c": "compiled, C call", "compiled": "compiled, Python call", "python": "pure Python"}
 
 
-def _coreloop(build_dir: Path) -> ModuleType:
+def _coreloop() -> ModuleType:
     """benchmarks/coreloop.pyx, compiled on first use (needs Cython and a C compiler, as setup.py does)."""
-    import hashlib
-
-    import pyximport
-
     import fastpath
 
     # pyximport does not notice a changed fastpath/core.pxd; a stale build would call the wrong C methods.
-    digest = hashlib.sha256()
-    for source in (Path(__file__).with_name("coreloop.pyx"), Path(fastpath.__file__).with_name("core.pxd")):
-        digest.update(source.read_bytes())
-    pyximport.install(build_dir=str(build_dir / digest.hexdigest()[:12]), language_level=3, inplace=False)
-    from benchmarks import coreloop  # type: ignore[attr-defined]
-
-    return coreloop
+    return pyxcache.load("coreloop", [Path(fastpath.__file__).with_name("core.pxd")])
 
 
 def _load(kind: str) -> ModuleType:
@@ -193,7 +183,7 @@ def run(params: Params, out_dir: Path, console: Console) -> dict[str, Any]:
     if "compiled" in kinds:
         try:
             with console.status("packet core: compiling benchmarks/coreloop.pyx"):
-                loop = _coreloop(out_dir / ".build")
+                loop = _coreloop()
             kinds.insert(0, "c")
         except Exception as e:  # no compiler, no headers: the other two columns still stand
             data["errors"]["c"] = f"cannot compile benchmarks/coreloop.pyx: {type(e).__name__}: {e}"
