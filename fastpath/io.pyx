@@ -418,8 +418,8 @@ cdef class Datapath:
 
     def run_encap(self):
         """TUN -> UDP until stop(). Raises OSError if the TUN or the socket fails for good."""
-        if self.vnet_hdr or self.gso:
-            return self.run_encap_offload()
+        if self.vnet_hdr or self.gso or self.gro:
+            return self.run_offload(1, 0)
         cdef Py_ssize_t bufsize = self.bufsize
         cdef int batch = self.batch
         cdef unsigned char* bufs = <unsigned char*>calloc(batch, bufsize)
@@ -487,8 +487,8 @@ cdef class Datapath:
 
     def run_decap(self):
         """UDP -> TUN until stop(). Raises OSError if the socket or the TUN fails for good."""
-        if self.vnet_hdr or self.gro:
-            return self.run_decap_offload()
+        if self.vnet_hdr or self.gso or self.gro:
+            return self.run_offload(0, 1)
         cdef Py_ssize_t bufsize = self.bufsize
         cdef int batch = self.batch
         cdef unsigned char* bufs = <unsigned char*>calloc(batch, bufsize)
@@ -538,202 +538,312 @@ cdef class Datapath:
         if fail:
             raise OSError(fail, f"decap loop stopped: UDP/TUN error {fail}")
 
-    def run_encap_offload(self):
-        """run_encap with a virtio_net_hdr on the TUN (TSO super-packets split here) and/or UDP GSO."""
+    cdef run_offload(self, bint do_encap, bint do_decap):
+        cdef Encap e
+        cdef Decap d
+        memset(&e, 0, sizeof(Encap))
+        memset(&d, 0, sizeof(Decap))
+        try:
+            if do_encap:
+                encap_init(&e, self)
+            if do_decap:
+                decap_init(&d, self)
+            self.loop(&e if do_encap else NULL, &d if do_decap else NULL)
+        finally:
+            encap_free(&e)
+            decap_free(&d)
+
+    cdef loop(self, Encap* e, Decap* d):
         cdef PacketCore core = self.core
-        cdef int tun = self.tun_fd, sock = self.udp_fd, stop_fd = self.stop_fd
-        cdef int batch = self.batch, mtu = core.mtu
-        cdef bint vnet = self.vnet_hdr
-        cdef Py_ssize_t legacy = self.bufsize
-        cdef Py_ssize_t slot = FP_VNET_LEN + 65536 if vnet else legacy
-        cdef unsigned char* arena = <unsigned char*>malloc(ARENA)
-        cdef unsigned char* hdrs = <unsigned char*>malloc(HDR_SCRATCH)
-        cdef unsigned char* reply = <unsigned char*>calloc(1, ICMP_REPLY_MAX_C)
-        cdef Sender s
-        if sender_init(&s, sock, htons(<unsigned short>self.port), self.gso) < 0 or arena == NULL \
-                or hdrs == NULL or reply == NULL:
-            sender_free(&s); free(arena); free(hdrs); free(reply)
-            raise MemoryError()
-        cdef uint64_t* counts = &core.counts[0]
-        cdef unsigned char zero_vnet[FP_VNET_LEN]
-        memset(zero_vnet, 0, FP_VNET_LEN)
-        cdef int fail = 0
-        cdef int i, j, r, v, bad, plen, stride
-        cdef ssize_t n
-        cdef Py_ssize_t m, used, hused
-        cdef unsigned char* buf
-        cdef unsigned char* pkt
-        cdef unsigned char* h
-        cdef uint32_t value
-        cdef fp_vnet vh
-        cdef fp_tso t
+        cdef int fail = 0, r, tun_ready, sock_ready
+        cdef int stop_fd = self.stop_fd
         cdef int gso_logged = 0
         with nogil:
             while True:
-                r = wait_readable(tun, stop_fd)
+                r = wait_any(e.tun if e != NULL else -1, d.sock if d != NULL else -1, stop_fd,
+                             &tun_ready, &sock_ready)
                 if r <= 0:
                     fail = 0 if r == 0 else (EBADF if r == -2 else errno)
                     break
-                used = 0
-                hused = 0
-                for i in range(batch):
-                    if used + slot > ARENA:
-                        break  # the rest waits for the next wake-up (poll returns at once)
-                    buf = arena + used
-                    n = read(tun, buf, slot)
-                    if n <= 0:
-                        if n == 0:
-                            fail = EPIPE
-                        elif errno != EAGAIN and errno != EINTR:
-                            fail = errno
-                        break
-                    used += (n + 63) & ~63
-                    pkt = buf
-                    m = n
-                    if vnet:
-                        if n < FP_VNET_LEN:
-                            counts[C_ENCAP_DROP] += 1
-                            continue
-                        fp_vnet_read(buf, &vh)
-                        pkt = buf + FP_VNET_LEN
-                        m = n - FP_VNET_LEN
-                        if vh.gso_type != FP_GSO_NONE:
-                            bad = fp_tso_parse(pkt, m, &vh, &t)
-                            if bad < 0 and t.hdr_len + t.gso_size > mtu:
-                                bad = 3  # its segments would not fit the MTU
-                            if bad >= 0:
-                                counts[C_ENCAP_DROP + bad] += 1
-                                continue
-                            stride = (t.hdr_len + 7) & ~7
-                            for j in range(t.nseg):
-                                if hused + stride > HDR_SCRATCH:
-                                    sender_flush(&s, counts)  # the queued datagrams point into hdrs
-                                    hused = 0
-                                h = hdrs + hused
-                                hused += stride
-                                plen = fp_tso_segment(pkt, &t, j, h)
-                                # encap_c reads the IP header and 8 bytes beyond: all in h.
-                                v = core.encap_c(h, t.hdr_len + plen, reply, &value)
-                                if v == V_FORWARD:
-                                    sender_push(&s, counts, h, t.hdr_len,
-                                                pkt + t.hdr_len + j * t.gso_size, plen, value)
-                                elif v == V_ICMP:
-                                    tun_write(tun, vnet, zero_vnet, reply, value, counts, C_ICMP_WRITE_ERROR, 1)
-                            continue
-                        if vh.flags & FP_F_NEEDS_CSUM:
-                            if fp_csum_complete(pkt, m, vh.csum_start, vh.csum_offset) < 0:
-                                counts[C_ENCAP_DROP + 2] += 1
-                                continue
-                        if m > legacy:
-                            m = legacy  # read as the plain loop would: a too-long packet is a bad length
-                    v = core.encap_c(pkt, m, reply, &value)
-                    if v == V_FORWARD:
-                        sender_push(&s, counts, pkt, m, NULL, 0, value)
-                    elif v == V_ICMP:
-                        tun_write(tun, vnet, zero_vnet, reply, value, counts, C_ICMP_WRITE_ERROR, 1)
-                sender_flush(&s, counts)
-                if s.gso_error and not gso_logged:
+                if tun_ready:
+                    fail = encap_batch(e, core)
+                if sock_ready and not fail:
+                    fail = decap_batch(d, core)
+                if e != NULL and e.s.gso_error and not gso_logged:
                     gso_logged = 1
                     with gil:
-                        self.gso_error = s.gso_error
+                        self.gso_error = e.s.gso_error
                         log.warning("udp GSO refused by the kernel, sending datagrams one by one",
-                                    errno=s.gso_error, error=os.strerror(s.gso_error))
+                                    errno=e.s.gso_error, error=os.strerror(e.s.gso_error))
                 if fail:
                     break
-        sender_free(&s); free(arena); free(hdrs); free(reply)
         if fail:
-            raise OSError(fail, f"encap loop stopped: TUN/UDP error {fail}")
+            raise OSError(fail, f"data path loop stopped: TUN/UDP error {fail}")
 
-    def run_decap_offload(self):
-        """run_decap with UDP GRO (split by the cmsg's segment size) and/or a virtio_net_hdr on the TUN
-        (consecutive TCP segments of one flow coalesced into a super-packet)."""
-        cdef PacketCore core = self.core
-        cdef int tun = self.tun_fd, sock = self.udp_fd, stop_fd = self.stop_fd
-        cdef bint vnet = self.vnet_hdr, gro = self.gro
-        cdef bint coalesce = gro and vnet
-        cdef int nslot = self.batch if not gro or self.batch < GRO_SLOTS else GRO_SLOTS
-        cdef Py_ssize_t slot = GRO_SLOT if gro else self.bufsize
-        cdef unsigned char* bufs = <unsigned char*>malloc(nslot * slot)
-        cdef mmsghdr* msgs = <mmsghdr*>calloc(nslot, sizeof(mmsghdr))
-        cdef iovec* iovs = <iovec*>calloc(nslot, sizeof(iovec))
-        cdef sockaddr_in* addrs = <sockaddr_in*>calloc(nslot, sizeof(sockaddr_in))
-        cdef unsigned char* ctrl = <unsigned char*>calloc(nslot, CMSG_SZ)
-        cdef fp_gro* run = <fp_gro*>calloc(1, sizeof(fp_gro))
-        if bufs == NULL or msgs == NULL or iovs == NULL or addrs == NULL or ctrl == NULL or run == NULL:
-            free(bufs); free(msgs); free(iovs); free(addrs); free(ctrl); free(run)
-            raise MemoryError()
-        cdef uint64_t* counts = &core.counts[0]
-        cdef unsigned char zero_vnet[FP_VNET_LEN]
-        memset(zero_vnet, 0, FP_VNET_LEN)
-        cdef int fail = 0
-        cdef int i, r, v, hl, g, seglen
-        cdef Py_ssize_t n, off
-        cdef uint32_t value, sender
-        cdef unsigned char* buf
-        cdef unsigned char* p
-        cdef cmsghdr* c
-        for i in range(nslot):
-            iovs[i].iov_base = bufs + i * slot
-            iovs[i].iov_len = slot
-            msgs[i].msg_hdr.msg_iov = &iovs[i]
-            msgs[i].msg_hdr.msg_iovlen = 1
-            msgs[i].msg_hdr.msg_name = &addrs[i]
-        with nogil:
-            while True:
-                r = wait_readable(sock, stop_fd)
-                if r <= 0:
-                    fail = 0 if r == 0 else (EBADF if r == -2 else errno)
-                    break
-                for i in range(nslot):
-                    msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
-                    msgs[i].msg_hdr.msg_flags = 0
-                    if gro:
-                        msgs[i].msg_hdr.msg_control = ctrl + i * CMSG_SZ
-                        msgs[i].msg_hdr.msg_controllen = CMSG_SZ
-                r = recvmmsg(sock, msgs, nslot, MSG_DONTWAIT | MSG_TRUNC, NULL)
-                if r < 0:
-                    if errno == EAGAIN or errno == EINTR:
-                        continue
-                    fail = errno
-                    break
-                for i in range(r):
-                    buf = bufs + i * slot
-                    n = msgs[i].msg_len
-                    if msgs[i].msg_hdr.msg_flags & MSG_TRUNC and n <= slot:
-                        n = slot + 1
-                    g = 0
-                    if gro and not msgs[i].msg_hdr.msg_flags & MSG_TRUNC:
-                        c = CMSG_FIRSTHDR(&msgs[i].msg_hdr)
-                        while c != NULL:
-                            if (c.cmsg_level == FP_SOL_UDP and c.cmsg_type == FP_UDP_GRO
-                                    and c.cmsg_len >= CMSG_LEN(sizeof(int))):
-                                memcpy(&g, CMSG_DATA(c), sizeof(int))
-                            c = CMSG_NXTHDR(&msgs[i].msg_hdr, c)
-                    # A truncated buffer stays one piece (an oversized drop): no segment past its end.
-                    if g <= 0 or g >= n:
-                        g = n if n > 0 else 1
-                    sender = ntohl(addrs[i].sin_addr.s_addr)
-                    off = 0
-                    while True:
-                        seglen = n - off if n - off < g else g
-                        p = buf + off
-                        v = core.decap_c(p, seglen, sender, &value)
-                        if v == V_DELIVER:
-                            if coalesce:
-                                hl = fp_gro_candidate(p, value)
-                                if hl == 0 or run.nseg == 0 or not fp_gro_append(run, p, value, hl):
-                                    gro_flush(run, tun, counts)
-                                    if hl:
-                                        fp_gro_start(run, p, value, hl)
-                                    else:
-                                        tun_write(tun, 1, zero_vnet, p, value, counts, C_DECAP_DROP_WRITE_ERROR, 1)
-                            else:
-                                tun_write(tun, vnet, zero_vnet, p, value, counts, C_DECAP_DROP_WRITE_ERROR, 1)
-                        off += g
-                        if off >= n:
-                            break
-                gro_flush(run, tun, counts)
-        free(bufs); free(msgs); free(iovs); free(addrs); free(ctrl); free(run)
-        if fail:
-            raise OSError(fail, f"decap loop stopped: UDP/TUN error {fail}")
 
+cdef inline int wait_any(int tun, int sock, int stop_fd, int* tun_ready, int* sock_ready) noexcept nogil:
+    """Like wait_readable for up to two fds (-1: not watched); 1 with the ready flags set."""
+    cdef pollfd fds[3]
+    cdef int r, n = 1, i
+    fds[0].fd = stop_fd
+    fds[0].events = POLLIN
+    if tun >= 0:
+        fds[n].fd = tun
+        fds[n].events = POLLIN
+        n += 1
+    if sock >= 0:
+        fds[n].fd = sock
+        fds[n].events = POLLIN
+        n += 1
+    while True:
+        for i in range(n):
+            fds[i].revents = 0
+        r = poll(fds, n, -1)
+        if r < 0:
+            if errno == EINTR:
+                continue
+            return -1
+        if fds[0].revents:
+            return 0
+        tun_ready[0] = 0
+        sock_ready[0] = 0
+        for i in range(1, n):
+            if fds[i].revents & POLLNVAL:
+                return -2  # an fd was closed under us
+            if fds[i].revents:
+                if fds[i].fd == tun:
+                    tun_ready[0] = 1
+                else:
+                    sock_ready[0] = 1
+        if tun_ready[0] or sock_ready[0]:
+            return 1
+
+
+cdef struct Encap:
+    int tun
+    int batch
+    int mtu
+    int vnet
+    Py_ssize_t legacy       # the plain loop's read size: a longer packet is cut and so a bad length
+    Py_ssize_t slot
+    unsigned char* arena
+    unsigned char* hdrs
+    unsigned char* reply
+    uint64_t* counts
+    Sender s
+    unsigned char zero_vnet[16]
+
+
+cdef int encap_init(Encap* e, Datapath dp) except -1:
+    e.tun = dp.tun_fd
+    e.batch = dp.batch
+    e.mtu = dp.core.mtu
+    e.vnet = dp.vnet_hdr
+    e.legacy = dp.bufsize
+    e.slot = FP_VNET_LEN + 65536 if dp.vnet_hdr else dp.bufsize
+    e.counts = &dp.core.counts[0]
+    e.arena = <unsigned char*>malloc(ARENA)
+    e.hdrs = <unsigned char*>malloc(HDR_SCRATCH)
+    e.reply = <unsigned char*>calloc(1, ICMP_REPLY_MAX_C)
+    if (sender_init(&e.s, dp.udp_fd, htons(<unsigned short>dp.port), dp.gso) < 0 or e.arena == NULL
+            or e.hdrs == NULL or e.reply == NULL):
+        raise MemoryError()
+    return 0
+
+
+cdef void encap_free(Encap* e) noexcept:
+    sender_free(&e.s)
+    free(e.arena)
+    free(e.hdrs)
+    free(e.reply)
+    e.arena = NULL
+    e.hdrs = NULL
+    e.reply = NULL
+
+
+cdef int encap_batch(Encap* e, PacketCore core) noexcept nogil:
+    """Up to `batch` TUN reads (super-packets split into segments), every packet through the core,
+    the datagrams sent. 0, or the errno that ends the loop."""
+    cdef int i, j, v, bad, plen, stride, fail = 0
+    cdef ssize_t n
+    cdef Py_ssize_t m, used = 0, hused = 0
+    cdef unsigned char* buf
+    cdef unsigned char* pkt
+    cdef unsigned char* h
+    cdef uint32_t value
+    cdef fp_vnet vh
+    cdef fp_tso t
+    cdef uint64_t* counts = e.counts
+    for i in range(e.batch):
+        if used + e.slot > ARENA:
+            break  # the rest waits for the next wake-up (poll returns at once)
+        buf = e.arena + used
+        n = read(e.tun, buf, e.slot)
+        if n <= 0:
+            if n == 0:
+                fail = EPIPE  # end of file: the TUN (or a fake's peer) went away
+            elif errno != EAGAIN and errno != EINTR:
+                fail = errno
+            break
+        used += (n + 63) & ~63
+        pkt = buf
+        m = n
+        if e.vnet:
+            if n < FP_VNET_LEN:
+                counts[C_ENCAP_DROP] += 1
+                continue
+            fp_vnet_read(buf, &vh)
+            pkt = buf + FP_VNET_LEN
+            m = n - FP_VNET_LEN
+            if vh.gso_type != FP_GSO_NONE:
+                bad = fp_tso_parse(pkt, m, &vh, &t)
+                if bad < 0 and t.hdr_len + t.gso_size > e.mtu:
+                    bad = 3  # its segments would not fit the MTU
+                if bad >= 0:
+                    counts[C_ENCAP_DROP + bad] += 1
+                    continue
+                stride = (t.hdr_len + 7) & ~7
+                for j in range(t.nseg):
+                    if hused + stride > HDR_SCRATCH:
+                        sender_flush(&e.s, counts)  # the queued datagrams point into hdrs
+                        hused = 0
+                    h = e.hdrs + hused
+                    hused += stride
+                    plen = fp_tso_segment(pkt, &t, j, h)
+                    # encap_c reads the IP header and 8 bytes beyond: all in h.
+                    v = core.encap_c(h, t.hdr_len + plen, e.reply, &value)
+                    if v == V_FORWARD:
+                        sender_push(&e.s, counts, h, t.hdr_len, pkt + t.hdr_len + j * t.gso_size, plen, value)
+                    elif v == V_ICMP:
+                        tun_write(e.tun, 1, e.zero_vnet, e.reply, value, counts, C_ICMP_WRITE_ERROR, 1)
+                continue
+            if vh.flags & FP_F_NEEDS_CSUM:
+                if fp_csum_complete(pkt, m, vh.csum_start, vh.csum_offset) < 0:
+                    counts[C_ENCAP_DROP + 2] += 1
+                    continue
+            if m > e.legacy:
+                m = e.legacy  # read as the plain loop would: a too-long packet is a bad length
+        v = core.encap_c(pkt, m, e.reply, &value)
+        if v == V_FORWARD:
+            sender_push(&e.s, counts, pkt, m, NULL, 0, value)
+        elif v == V_ICMP:
+            tun_write(e.tun, e.vnet, e.zero_vnet, e.reply, value, counts, C_ICMP_WRITE_ERROR, 1)
+    sender_flush(&e.s, counts)
+    return fail
+
+
+cdef struct Decap:
+    int tun
+    int sock
+    int vnet
+    int gro
+    int coalesce
+    int nslot
+    Py_ssize_t slot
+    unsigned char* bufs
+    mmsghdr* msgs
+    iovec* iovs
+    sockaddr_in* addrs
+    unsigned char* ctrl
+    fp_gro* run
+    uint64_t* counts
+    unsigned char zero_vnet[16]
+
+
+cdef int decap_init(Decap* d, Datapath dp) except -1:
+    cdef int i
+    d.tun = dp.tun_fd
+    d.sock = dp.udp_fd
+    d.vnet = dp.vnet_hdr
+    d.gro = dp.gro
+    d.coalesce = dp.gro and dp.vnet_hdr
+    d.nslot = dp.batch if not dp.gro or dp.batch < GRO_SLOTS else GRO_SLOTS
+    d.slot = GRO_SLOT if dp.gro else dp.bufsize
+    d.counts = &dp.core.counts[0]
+    d.bufs = <unsigned char*>malloc(d.nslot * d.slot)
+    d.msgs = <mmsghdr*>calloc(d.nslot, sizeof(mmsghdr))
+    d.iovs = <iovec*>calloc(d.nslot, sizeof(iovec))
+    d.addrs = <sockaddr_in*>calloc(d.nslot, sizeof(sockaddr_in))
+    d.ctrl = <unsigned char*>calloc(d.nslot, CMSG_SZ)
+    d.run = <fp_gro*>calloc(1, sizeof(fp_gro))
+    if d.bufs == NULL or d.msgs == NULL or d.iovs == NULL or d.addrs == NULL or d.ctrl == NULL or d.run == NULL:
+        raise MemoryError()
+    for i in range(d.nslot):
+        d.iovs[i].iov_base = d.bufs + i * d.slot
+        d.iovs[i].iov_len = d.slot
+        d.msgs[i].msg_hdr.msg_iov = &d.iovs[i]
+        d.msgs[i].msg_hdr.msg_iovlen = 1
+        d.msgs[i].msg_hdr.msg_name = &d.addrs[i]
+    return 0
+
+
+cdef void decap_free(Decap* d) noexcept:
+    free(d.bufs); free(d.msgs); free(d.iovs); free(d.addrs); free(d.ctrl); free(d.run)
+    d.bufs = NULL
+    d.msgs = NULL
+    d.iovs = NULL
+    d.addrs = NULL
+    d.ctrl = NULL
+    d.run = NULL
+
+
+cdef int decap_batch(Decap* d, PacketCore core) noexcept nogil:
+    """One recvmmsg: coalesced buffers split by the UDP_GRO size, every datagram through the core,
+    in-order TCP segments of one flow written as one super-packet. 0, or the errno that ends the loop."""
+    cdef int i, r, v, hl, g, seglen
+    cdef Py_ssize_t n, off
+    cdef uint32_t value, sender
+    cdef unsigned char* buf
+    cdef unsigned char* p
+    cdef cmsghdr* c
+    cdef uint64_t* counts = d.counts
+    for i in range(d.nslot):
+        d.msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
+        d.msgs[i].msg_hdr.msg_flags = 0
+        if d.gro:
+            d.msgs[i].msg_hdr.msg_control = d.ctrl + i * CMSG_SZ
+            d.msgs[i].msg_hdr.msg_controllen = CMSG_SZ
+    # MSG_TRUNC: msg_len is the datagram's real length, so oversized ones are seen as such.
+    r = recvmmsg(d.sock, d.msgs, d.nslot, MSG_DONTWAIT | MSG_TRUNC, NULL)
+    if r < 0:
+        if errno == EAGAIN or errno == EINTR:
+            return 0
+        return errno
+    for i in range(r):
+        buf = d.bufs + i * d.slot
+        n = d.msgs[i].msg_len
+        if d.msgs[i].msg_hdr.msg_flags & MSG_TRUNC and n <= d.slot:
+            n = d.slot + 1
+        g = 0
+        if d.gro and not d.msgs[i].msg_hdr.msg_flags & MSG_TRUNC:
+            c = CMSG_FIRSTHDR(&d.msgs[i].msg_hdr)
+            while c != NULL:
+                if (c.cmsg_level == FP_SOL_UDP and c.cmsg_type == FP_UDP_GRO
+                        and c.cmsg_len >= CMSG_LEN(sizeof(int))):
+                    memcpy(&g, CMSG_DATA(c), sizeof(int))
+                c = CMSG_NXTHDR(&d.msgs[i].msg_hdr, c)
+        # A truncated buffer stays one piece (an oversized drop): no segment past its end.
+        if g <= 0 or g >= n:
+            g = n if n > 0 else 1
+        sender = ntohl(d.addrs[i].sin_addr.s_addr)
+        off = 0
+        while True:
+            seglen = n - off if n - off < g else g
+            p = buf + off
+            v = core.decap_c(p, seglen, sender, &value)
+            if v == V_DELIVER:
+                if d.coalesce:
+                    hl = fp_gro_candidate(p, value)
+                    if hl == 0 or d.run.nseg == 0 or not fp_gro_append(d.run, p, value, hl):
+                        gro_flush(d.run, d.tun, counts)
+                        if hl:
+                            fp_gro_start(d.run, p, value, hl)
+                        else:
+                            tun_write(d.tun, 1, d.zero_vnet, p, value, counts, C_DECAP_DROP_WRITE_ERROR, 1)
+                else:
+                    tun_write(d.tun, d.vnet, d.zero_vnet, p, value, counts, C_DECAP_DROP_WRITE_ERROR, 1)
+            off += g
+            if off >= n:
+                break
+    gro_flush(d.run, d.tun, counts)  # the run points into bufs, which the next recvmmsg overwrites
+    return 0

@@ -31,6 +31,10 @@ class Offloads:
     gro: bool = False
 
     @property
+    def any(self) -> bool:
+        return self.tso or self.gso or self.gro
+
+    @property
     def vnet_hdr(self) -> bool:
         """Whether the TUN needs IFF_VNET_HDR (TSO reads, coalesced writes)."""
         return self.tso or self.gro
