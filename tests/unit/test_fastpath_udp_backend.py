@@ -99,3 +99,27 @@ def test_batch_by_argument_or_environment(monkeypatch: pytest.MonkeyPatch) -> No
         backend()
     with pytest.raises(ValueError, match=r"1\.\.1024"):
         backend(batch=5000)
+
+
+def test_offloads_are_on_by_default_and_off_in_the_one_packet_per_syscall_mode(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLANNELPY_OFFLOAD", raising=False)
+    monkeypatch.delenv("FLANNELPY_BATCH", raising=False)
+    assert backend(datapath="compiled").offloads_wanted.describe() == "tso,gso,gro"
+    assert backend(datapath="compiled", batch=1).offloads_wanted.describe() == "off"  # flanneld's stand-in
+    assert backend(datapath="python").offloads_wanted.describe() == "off"  # the reference has none
+    assert backend(datapath="compiled", batch=1, offload=True).offloads_wanted.describe() == "tso,gso,gro"
+
+
+@pytest.mark.parametrize(("value", "want"), [("0", "off"), ("off", "off"), ("1", "tso,gso,gro"),
+                                              ("on", "tso,gso,gro"), ("tso", "tso"), ("gso, gro", "gso,gro")])
+def test_offloads_by_environment(value: str, want: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLANNELPY_OFFLOAD", value)
+    assert backend(datapath="compiled").offloads_wanted.describe() == want
+    assert backend(datapath="compiled", offload=False).offloads_wanted.describe() == "off"  # argument wins
+
+
+def test_unknown_offload_is_refused_with_the_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLANNELPY_OFFLOAD", "tso,turbo")
+    with pytest.raises(ValueError, match=r"turbo.*tso, gso, gro"):
+        backend(datapath="compiled")
