@@ -85,6 +85,8 @@ def _samples(runs: list[dict[str, Any]], what: str, field: str) -> tuple[list[fl
             continue
         if "error" in result:
             errors.append(result["error"])
+        elif field not in result:
+            errors.append(f"the {what} measurement gave no {field}")
         else:
             values.append(float(result[field]))
     return values, errors
