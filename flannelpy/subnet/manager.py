@@ -9,6 +9,7 @@ permanent; the watch starts at the revision of the snapshot it follows, so no le
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -74,6 +75,7 @@ class SubnetManager:
         self._revoked: str | None = None  # why our lease is gone, once it is
         self._renew_now = False
         self._wake = asyncio.Event()  # wakes keep_lease: revoked, or renew at once
+        self._revoked_evt = asyncio.Event()  # ends watch_leases at once
         self._reported: set[tuple[str, int]] = set()
 
     # -- network config ------------------------------------------------------------------------
@@ -300,6 +302,7 @@ class SubnetManager:
             self._revoked = why
             log.error("Lease has been revoked", reason=why)
         self._wake.set()
+        self._revoked_evt.set()
         return LeaseRevokedError(f"Lease has been revoked: {self._revoked}")
 
     async def _pause(self, seconds: float) -> None:
@@ -414,6 +417,15 @@ class SubnetManager:
                 self._renew_now = True
                 self._wake.set()
                 return
+            if not current.is_reservation:
+                # Deleted by someone, or expired in etcd's eyes though not in ours (a leader that was paused
+                # can revoke leases whose renewals it did not see). A refresh tells them apart: a live etcd
+                # lease means the key was deleted (revoked, exit 4); a gone one means expiry (re-created).
+                log.warning("our lease key disappeared; checking whether it expired or was deleted",
+                            subnet=str(own.subnet))
+                self._renew_now = True
+                self._wake.set()
+                return
             raise self._revoke(f"lease key {key} was deleted")
         try:
             holder: IPv4Address | str = LeaseAttrs.from_json(value).public_ip
@@ -468,11 +480,15 @@ class SubnetManager:
                 yield added, removed
             try:
                 # From the snapshot's revision + 1: whatever changed after the list is in the watch.
-                async for batch in self.registry.watch_prefix(self.subnets_prefix, rev + 1):
-                    added, removed = watcher.update(self._to_events(batch, own))
-                    self._drain_ignored(watcher)
-                    if added or removed:
-                        yield added, removed
+                batches = aiter(self.registry.watch_prefix(self.subnets_prefix, rev + 1))
+                try:
+                    while (batch := await self._next_batch(batches)) is not None:
+                        added, removed = watcher.update(self._to_events(batch, own))
+                        self._drain_ignored(watcher)
+                        if added or removed:
+                            yield added, removed
+                finally:
+                    await batches.aclose()  # type: ignore[attr-defined]
                 log.warning("lease watch ended; listing leases again")
             except CompactedError as e:
                 log.warning("etcd history compacted past our watch; listing leases again and diffing",
@@ -482,6 +498,23 @@ class SubnetManager:
             except RegistryError as e:
                 log.warning("lease watch broken; listing leases again", error=str(e))
                 await self._sleep(CONFIG_RETRY)
+
+    async def _next_batch(self, batches: AsyncIterator[list[WatchEvent]]) -> list[WatchEvent] | None:
+        """The next watch batch, or LeaseRevokedError as soon as keep_lease revokes (no need to wait for
+        another event); None when the watch ends."""
+        self._check_revoked()
+        getter = asyncio.ensure_future(anext(batches, None))
+        revoked = asyncio.ensure_future(self._revoked_evt.wait())
+        try:
+            await asyncio.wait({getter, revoked}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            revoked.cancel()
+            if not getter.done():
+                getter.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await getter
+        self._check_revoked()
+        return getter.result()
 
     # -- operator view -------------------------------------------------------------------------
 

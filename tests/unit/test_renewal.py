@@ -176,6 +176,34 @@ async def own_deleted_while_watching(reservation: bool) -> None:
             await asyncio.wait_for(task, 5)
 
 
+async def test_own_lease_gone_with_its_etcd_lease_is_recreated_not_revoked() -> None:
+    """A paused etcd leader can revoke a lease whose renewals it did not see: the key vanishes while our
+    clock says the lease is good. The etcd lease is gone too, so the key is claimed again."""
+    clock = FakeClock()
+    reg = MemoryRegistry(clock)
+    m = SubnetManager(reg, PREFIX, clock=clock)
+    lease = await m.acquire_lease(CONFIG, ME)
+    keeper = asyncio.create_task(m.keep_lease(lease))
+
+    async def consume() -> None:
+        async for _ in m.watch_leases(CONFIG, lease):
+            pass
+
+    watcher = asyncio.create_task(consume())
+    await asyncio.sleep(0.05)
+    await reg.revoke_lease(lease.etcd_lease_id)  # deletes the key with the lease
+    kv = None
+    for _ in range(100):
+        kv = await reg.get(SUBNETS + lease.key)
+        if kv is not None:
+            break
+        await asyncio.sleep(0.02)
+    assert kv is not None and kv.lease not in (0, lease.etcd_lease_id)
+    assert not keeper.done() and not watcher.done()
+    for task in (keeper, watcher):
+        task.cancel()
+
+
 async def test_own_lease_deleted_while_watching_stops_renewal_and_watch() -> None:
     await own_deleted_while_watching(reservation=False)
 
