@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -34,9 +35,17 @@ def etcd_available() -> bool:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A free port below the kernel's ephemeral range (32768-60999): a port the kernel handed out with
+    bind(0) can be taken by any outgoing connection before etcd binds it ("address already in use")."""
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise EtcdError(f"no free TCP port found on {host} between 20000 and 32000")
 
 
 @dataclass(frozen=True)
