@@ -1,0 +1,73 @@
+"""/healthz and /readyz fail when they should (flanneld's /healthz answers 200 whatever happens)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from flannelpy.observe.health import ETCD_STALE_AFTER, LOOP_STALE_AFTER, HealthServer
+from flannelpy.routes import RouteTable
+
+
+def _server(**node: Any) -> tuple[HealthServer, SimpleNamespace]:
+    state = {"lease": object(), "backend": object(), "subnet_file_written": True, "routes": RouteTable(),
+             "config": None, "last_event_at": None, **node}
+    fake_node = SimpleNamespace(counters=dict, **state)
+    registry = SimpleNamespace(last_success=time.time(), reconnects=0)
+    return HealthServer(fake_node, registry, "127.0.0.1", 0), registry
+
+
+def test_ready_node_answers_200() -> None:
+    server, _ = _server()
+    assert server.respond("/readyz")[0] == 200
+    assert server.respond("/healthz") == (200, "flanneld is running\n", "text/plain")
+
+
+@pytest.mark.parametrize(("node", "problem"), [
+    ({"lease": None}, "no lease"),
+    ({"backend": None}, "backend not up"),
+    ({"subnet_file_written": False}, "subnet file not written"),
+])
+def test_readyz_names_what_is_missing(node: dict[str, Any], problem: str) -> None:
+    server, _ = _server(**node)
+    status, body, _ = server.respond("/readyz")
+    assert status == 503
+    assert problem in body
+
+
+def test_readyz_fails_when_etcd_has_not_answered_recently() -> None:
+    server, registry = _server()
+    registry.last_success = time.time() - ETCD_STALE_AFTER - 1
+    status, body, _ = server.respond("/readyz")
+    assert (status, body) == (503, "etcd not reached recently\n")
+
+
+def test_healthz_fails_when_the_event_loop_is_stuck() -> None:
+    server, _ = _server()
+    server._beat = time.monotonic() - LOOP_STALE_AFTER - 1  # the ticker has not run for that long
+    status, body, _ = server.respond("/healthz")
+    assert status == 503 and "event loop stalled" in body
+
+
+async def test_served_over_http_with_status_codes() -> None:
+    server, _ = _server(lease=None)
+    await server.start()
+    try:
+        async def get(path: str) -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            data = await reader.read()
+            writer.close()
+            return data
+
+        assert (await get("/healthz")).startswith(b"HTTP/1.1 200 OK")
+        assert (await get("/readyz")).startswith(b"HTTP/1.1 503 Service Unavailable")
+        assert (await get("/nope")).startswith(b"HTTP/1.1 404")
+        metrics = await get("/metrics")
+        assert metrics.startswith(b"HTTP/1.1 200") and b"flannel_routes 0.0" in metrics
+    finally:
+        await server.stop()
