@@ -141,11 +141,10 @@ def aggregate(config: Config, runs: list[dict[str, Any]],
     metrics: dict[str, dict[str, Any]] = {}
     for key, (what, field) in SOURCES.items():
         metrics[key] = entry(*_samples(runs, what, field)) if what in measured else entry([], [], skipped)
-    counters = config.has_daemon and config.program == "flannelpy"
     for key, (what, field) in COUNTER_SOURCES.items():
         if what not in measured:
             metrics[key] = entry([], [], skipped)
-        elif not counters:
+        elif not config.has_counters:
             metrics[key] = entry([], [], "no daemon" if not config.has_daemon else "no data-path counters")
         else:
             values, errors = _samples(runs, what, field)

@@ -56,6 +56,11 @@ class Config:
     def has_daemon(self) -> bool:
         return self.kind == "daemon"
 
+    @property
+    def has_counters(self) -> bool:
+        """The daemon moves the packets itself and counts them on /metrics (host-gw and vxlan: the kernel does)."""
+        return self.kind == "daemon" and self.program == "flannelpy" and self.backend == "udp"
+
 
 # Named sets for --configs.
 PRESETS: dict[str, tuple[str, ...]] = {
@@ -299,7 +304,7 @@ class Testbed:
             containers.append(self.topology.add_containers(host.name, subnet, mtu, 1)[0])
         return Pair(config, containers[0].netns, containers[1].netns, str(containers[1].address),
                     daemon_pids=[d.proc.pid for d in started], mtu=int(envs[1]["FLANNEL_MTU"]),
-                    metrics_netns=[h.netns for h in hosts] if config.program == "flannelpy" else [],
+                    metrics_netns=[h.netns for h in hosts] if config.has_counters else [],
                     detail={"network": str(network["Network"]),
                             "subnets": " ".join(e["FLANNEL_SUBNET"] for e in envs)})
 

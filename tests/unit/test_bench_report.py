@@ -50,6 +50,10 @@ def test_measurements_left_out_read_na_and_do_not_fail_the_configuration() -> No
     assert udp["metrics"]["udp64_cpu_us_per_packet"]["median"] == pytest.approx(1e6 * 0.5 / 80_000)
     raw = _entry(RAW, [{"rep": 1, "udp64": _flood(200.0), "ping": {"p50_ms": 0.05, "p99_ms": 0.1}}], measured)
     assert raw["metrics"]["udp64_fwd_kpps"]["na"] == "no daemon"
+    host_gw = Config("flannelpy-host-gw", "flannelpy host-gw", "daemon", tag="hg", backend="host-gw")
+    kernel_forwards = _entry(host_gw, [{"rep": 1, "udp64": _flood(90.0, fwd=0.0)}], measured)
+    assert kernel_forwards["metrics"]["udp64_fwd_kpps"]["median"] is None  # its daemon forwards nothing itself
+    assert kernel_forwards["metrics"]["udp64_fwd_kpps"]["na"] == "no data-path counters"
     table = report.datapath_markdown(_data([raw, udp], measured))
     cells = dict(zip([f"{m.title} ({m.unit})" for m in report.DATAPATH_METRICS], _row(table, UDP.label),
                      strict=True))
