@@ -6,7 +6,8 @@
  *   MTU-size segments (total length, IP ID, sequence number, FIN/PSH/CWR, IP and TCP checksums), each
  *   one a header written into a scratch buffer plus a slice of the super-packet's payload (no copy);
  * - GRO: consecutive in-order TCP segments of one flow, each with a valid checksum, become one
- *   super-packet written to the TUN with a virtio_net_hdr (gso TCPV4, NEEDS_CSUM), as writev pieces.
+ *   super-packet written to the TUN with a virtio_net_hdr (gso TCPV4, NEEDS_CSUM), as writev pieces;
+ *   equal-size UDP datagrams of one flow likewise (gso UDP_L4: the kernel cuts them apart again).
  *
  * The virtio_net_hdr is in the host's byte order (tun's legacy header on a little-endian host).
  * Used by io.pyx (the loops) and offload.pyx (the same functions for tests).
@@ -22,6 +23,7 @@
 #define FP_F_NEEDS_CSUM 1
 #define FP_GSO_NONE 0
 #define FP_GSO_TCPV4 1
+#define FP_GSO_UDP_L4 5
 #define FP_GSO_ECN 0x80
 #define FP_HDR_MAX 120   /* IPv4 header (60) + TCP header (60) at most */
 #define FP_GRO_MAX_SEGS 64
@@ -225,27 +227,41 @@ typedef struct {
     int closed;              /* a short, PSH or FIN segment ended the run */
     uint32_t next_seq;
     uint8_t or_flags;        /* FIN/PSH of appended segments, set on the super-packet */
+    uint8_t proto;           /* 6 TCP, 17 UDP */
     struct iovec iov[FP_GRO_MAX_SEGS + 2];
 } fp_gro;
 
-/* The header length of a segment that may start or join a run, or 0: IPv4 without options, DF, not
- * a fragment, TCP with ACK and data, no SYN/RST/URG, and a TCP checksum that verifies (a corrupted
- * segment is written alone for the kernel to drop, never hidden inside a super-packet). */
+/* The header length of a packet that may start or join a run, or 0. IPv4 without options, DF, not a
+ * fragment, and a transport checksum that verifies (a corrupted packet is written alone for the kernel
+ * to drop, never hidden inside a super-packet), then either TCP with ACK and data and no SYN/RST/URG,
+ * or UDP with data, a length that matches and a checksum (not 0). */
 static inline int fp_gro_candidate(const uint8_t *p, int n) {
-    if (n < 40 || p[0] != 0x45 || p[9] != 6 || (fp_rd16(p + 6) & 0xBFFF) != 0 || !(p[6] & 0x40))
+    if (n < 29 || p[0] != 0x45 || (fp_rd16(p + 6) & 0xBFFF) != 0 || !(p[6] & 0x40))
         return 0;
     if ((int)fp_rd16(p + 2) != n)
         return 0;
-    int thl = (p[32] >> 4) * 4;
-    if (thl < 20 || 20 + thl >= n)
+    int hl;
+    if (p[9] == 6) {
+        if (n < 40)
+            return 0;
+        int thl = (p[32] >> 4) * 4;
+        if (thl < 20 || 20 + thl >= n)
+            return 0;
+        uint8_t f = p[33];
+        if (!(f & FP_TCP_ACK) || (f & (FP_TCP_SYN | FP_TCP_RST | FP_TCP_URG)))
+            return 0;
+        hl = 20 + thl;
+    } else if (p[9] == 17) {
+        if ((int)fp_rd16(p + 24) != n - 20 || (p[26] == 0 && p[27] == 0))
+            return 0;
+        hl = 28;
+    } else {
         return 0;
-    uint8_t f = p[33];
-    if (!(f & FP_TCP_ACK) || (f & (FP_TCP_SYN | FP_TCP_RST | FP_TCP_URG)))
-        return 0;
-    uint32_t s = fp_add16(fp_pseudo(p, 6, (uint32_t)(n - 20)), fp_sum(p + 20, (size_t)(n - 20)));
+    }
+    uint32_t s = fp_add16(fp_pseudo(p, p[9], (uint32_t)(n - 20)), fp_sum(p + 20, (size_t)(n - 20)));
     if (s != 0xFFFF)
         return 0;
-    return 20 + thl;
+    return hl;
 }
 
 static inline void fp_gro_start(fp_gro *g, const uint8_t *p, int n, int hdr_len) {
@@ -257,23 +273,37 @@ static inline void fp_gro_start(fp_gro *g, const uint8_t *p, int n, int hdr_len)
     g->nseg = 1;
     g->next_seq = fp_rd32(p + 24) + (uint32_t)g->mss;
     g->or_flags = 0;
-    g->closed = (p[33] & (FP_TCP_FIN | FP_TCP_PSH)) != 0;
+    g->proto = p[9];
+    g->closed = p[9] == 6 && (p[33] & (FP_TCP_FIN | FP_TCP_PSH)) != 0;
     g->iov[2].iov_base = (void *)(p + hdr_len);
     g->iov[2].iov_len = (size_t)g->mss;
 }
 
-/* Appends segment p (already a candidate with header length hdr_len) to the run if it continues
- * it: same addresses, TOS, TTL, ports, ack, window, options and flags (but CWR/FIN/PSH), the next
- * sequence number, no more payload than the first, and room left. 1 appended, 0 not. */
+/* Appends packet p (already a candidate with header length hdr_len) to the run if it continues it:
+ * same protocol, addresses, TOS, TTL and ports, no more payload than the first, room left; for TCP
+ * also the same ack, window, options and flags (but CWR/FIN/PSH) and the next sequence number (UDP
+ * datagrams keep their boundaries: the kernel cuts the super-packet at every gso_size bytes again).
+ * 1 appended, 0 not. */
 static inline int fp_gro_append(fp_gro *g, const uint8_t *p, int n, int hdr_len) {
     const uint8_t *h = g->head;
     int plen = n - hdr_len;
-    if (g->nseg == 0 || g->closed || hdr_len != g->hdr_len || plen > g->mss)
+    if (g->nseg == 0 || g->closed || hdr_len != g->hdr_len || plen > g->mss || p[9] != g->proto)
         return 0;
     if (g->nseg >= FP_GRO_MAX_SEGS || g->total + plen > FP_IP_MAX)
         return 0;
     if (p[1] != h[1] || p[8] != h[8] || memcmp(p + 12, h + 12, 8) != 0)
         return 0;
+    if (g->proto == 17) {
+        if (memcmp(p + 20, h + 20, 4) != 0)  /* ports */
+            return 0;
+        g->iov[2 + g->nseg].iov_base = (void *)(p + hdr_len);
+        g->iov[2 + g->nseg].iov_len = (size_t)plen;
+        g->nseg += 1;
+        g->total += plen;
+        if (plen < g->mss)
+            g->closed = 1;
+        return 1;
+    }
     if (memcmp(p + 20, h + 20, 4) != 0 || memcmp(p + 28, h + 28, 4) != 0)    /* ports, ack */
         return 0;
     if (p[32] != h[32] || ((p[33] ^ h[33]) & (uint8_t)~(FP_TCP_CWR | FP_TCP_FIN | FP_TCP_PSH)) ||
@@ -307,18 +337,25 @@ static inline int fp_gro_finish(fp_gro *g) {
         return 2;
     }
     uint8_t *hdr = g->hdr;
+    fp_vnet v;
     memcpy(hdr, g->head, (size_t)g->hdr_len);
     fp_wr16(hdr + 2, (uint32_t)g->total);
     fp_ip_csum(hdr, 20);
-    hdr[33] |= g->or_flags;
-    fp_wr16(hdr + 36, fp_pseudo(hdr, 6, (uint32_t)(g->total - 20)));
-    fp_vnet v;
     v.flags = FP_F_NEEDS_CSUM;
-    v.gso_type = FP_GSO_TCPV4 | ((hdr[33] & FP_TCP_CWR) ? FP_GSO_ECN : 0);
     v.hdr_len = (uint16_t)g->hdr_len;
     v.gso_size = (uint16_t)g->mss;
     v.csum_start = 20;
-    v.csum_offset = 16;
+    if (g->proto == 17) {
+        fp_wr16(hdr + 24, (uint32_t)(g->total - 20));
+        fp_wr16(hdr + 26, fp_pseudo(hdr, 17, (uint32_t)(g->total - 20)));
+        v.gso_type = FP_GSO_UDP_L4;
+        v.csum_offset = 6;
+    } else {
+        hdr[33] |= g->or_flags;
+        fp_wr16(hdr + 36, fp_pseudo(hdr, 6, (uint32_t)(g->total - 20)));
+        v.gso_type = FP_GSO_TCPV4 | ((hdr[33] & FP_TCP_CWR) ? FP_GSO_ECN : 0);
+        v.csum_offset = 16;
+    }
     fp_vnet_write(g->vnet, &v);
     g->iov[1].iov_base = hdr;
     g->iov[1].iov_len = (size_t)g->hdr_len;

@@ -280,3 +280,52 @@ def test_non_tcp_packets_pass_alone() -> None:
     udp = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, DF, 64, 17, 0, bytes(4), bytes(4)) + bytes(8))
     out = offload.gro_coalesce([bytes(udp), bytes(udp)])
     assert [o[VNET:] for o in out] == [bytes(udp)] * 2
+
+
+def udp_packet(payload: bytes, *, sport: int = 4000, dport: int = 7778, src: str = "10.10.1.2",
+               dst: str = "10.10.2.3", ttl: int = 64, frag: int = DF, check: bool = True) -> bytes:
+    udp = bytearray(struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload)
+    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 7, frag, ttl, 17, 0,
+                               IPv4Address(src).packed, IPv4Address(dst).packed))
+    ip[10:12] = csum(ip).to_bytes(2, "big")
+    if check:
+        pseudo = ip[12:20] + b"\0\x11" + len(udp).to_bytes(2, "big")
+        udp[6:8] = (csum(pseudo + udp) or 0xFFFF).to_bytes(2, "big")
+    return bytes(ip + udp)
+
+
+def test_equal_udp_datagrams_of_one_flow_become_one_udp_super_packet() -> None:
+    datagrams = [udp_packet(bytes([i]) * 1000) for i in range(10)] + [udp_packet(b"end")]
+    (out,) = offload.gro_coalesce(datagrams)
+    flags, gso_type, hdr_len, gso_size, start, offset = vnet_fields(out)
+    assert (flags, gso_type, hdr_len, gso_size, start, offset) == (1, 5, 28, 1000, 20, 6)  # GSO_UDP_L4
+    pkt = offload.complete_checksum(out[VNET:], start, offset)
+    assert ip_checksum_ok(pkt) and int.from_bytes(pkt[2:4], "big") == len(pkt) == 28 + 10 * 1000 + 3
+    assert int.from_bytes(pkt[24:26], "big") == len(pkt) - 20
+    pseudo = pkt[12:20] + b"\0\x11" + (len(pkt) - 20).to_bytes(2, "big")
+    assert csum(pseudo + pkt[20:]) == 0
+    # Cut at every gso_size bytes, as the kernel does for the receiving socket: the datagrams as sent.
+    body = pkt[28:]
+    assert [body[k:k + 1000] for k in range(0, len(body), 1000)] == [d[28:] for d in datagrams]
+
+
+@pytest.mark.parametrize(("second", "why"), [
+    (udp_packet(b"y" * 100, sport=4001), "another flow"),
+    (udp_packet(b"y" * 101), "bigger than the first"),
+    (udp_packet(b"y" * 100, ttl=63), "another TTL"),
+    (udp_packet(b"y" * 100, check=False), "no checksum"),
+    (udp_packet(b"y" * 100, frag=0), "no DF"),
+    (udp_packet(b"y" * 100)[:-1] + b"z", "a bad checksum"),
+    (tcp_packet(b"y" * 100), "TCP after UDP"),
+])
+def test_udp_datagrams_that_do_not_continue_the_run_are_kept_apart(second: bytes, why: str) -> None:
+    first = udp_packet(b"x" * 100)
+    out = offload.gro_coalesce([first, second])
+    assert [o[VNET:] for o in out] == [first, second], why
+
+
+def test_a_short_udp_datagram_ends_the_run() -> None:
+    datagrams = [udp_packet(b"a" * 100), udp_packet(b"b" * 50), udp_packet(b"c" * 100), udp_packet(b"d" * 100)]
+    out = offload.gro_coalesce(datagrams)
+    assert [vnet_fields(o)[1] for o in out] == [5, 5]
+    assert out[0][VNET + 28:] == b"a" * 100 + b"b" * 50 and out[1][VNET + 28:] == b"c" * 100 + b"d" * 100
