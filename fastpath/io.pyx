@@ -11,8 +11,8 @@ Offloads (each one optional, chosen by the backend from what the kernel accepted
 vnet_hdr: the TUN was opened with IFF_VNET_HDR (and TUNSETOFFLOAD TSO4): every read and write carries a
 virtio_net_hdr, reads may be TCP super-packets, which are split into MTU-size segments here; gso: the
 datagrams of one peer go out in one sendmsg with UDP_SEGMENT; gro: the socket has UDP_GRO, received
-buffers are split by the cmsg's segment size, and (with vnet_hdr) consecutive TCP segments of one flow
-are coalesced into one super-packet for the TUN. Every segment goes through the packet core on its
+buffers are split by the cmsg's segment size, and (with vnet_hdr) consecutive TCP segments of one flow,
+or equal-size UDP datagrams of one flow, are coalesced into one super-packet for the TUN. Every segment goes through the packet core on its
 own, so routes, TTL, ICMP, ingress checks and counters are per packet as without offloads, and each
 datagram on the wire still carries exactly one IPv4 packet of at most the MTU.
 """

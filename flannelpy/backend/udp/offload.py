@@ -3,8 +3,9 @@
 tso: flannel0 is opened with IFF_VNET_HDR and TUNSETOFFLOAD(TUN_F_CSUM | TUN_F_TSO4): the kernel hands
      over TCP super-packets of up to 64 KB, which the data path splits into MTU-size packets.
 gso: the datagrams for one peer leave in one sendmsg with UDP_SEGMENT (UDP GSO).
-gro: UDP_GRO on the socket; consecutive TCP segments of one flow are coalesced into one super-packet
-     written to flannel0 (needs IFF_VNET_HDR, which gro asks for too).
+gro: UDP_GRO on the socket; consecutive TCP segments of one flow (and equal-size UDP datagrams of one
+     flow) are coalesced into one super-packet written to flannel0 (needs IFF_VNET_HDR, which gro asks
+     for too); the kernel cuts it apart again where it has to.
 None of them changes the wire: each datagram still carries exactly one IPv4 packet of at most the MTU.
 
 FLANNELPY_OFFLOAD=1|0 (or on/off, or a list such as "tso,gso") chooses them; the default is all of
