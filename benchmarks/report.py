@@ -134,7 +134,7 @@ def datapath_markdown(data: dict[str, Any]) -> str:
     """The table: one row per configuration, medians; then ratios; then failures with their reasons."""
     p = data["params"]
     lines = [
-        f"Data path, medians of {p['reps']} repetition(s), {p['duration']:g} s per iperf3 test, "
+        f"Data path, medians of {p['reps']} repetition(s), {p['duration']:g} s per iperf3 test and UDP flood, "
         f"{p['ping_count']} pings at {p['ping_interval'] * 1000:g} ms; {data['started']}.",
         "",
         f"Machine: {machine_line(data['machine'])}.",
