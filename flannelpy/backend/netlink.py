@@ -142,10 +142,9 @@ class Netlink:
 
     # ---- links ----
 
-    @on_netlink_loop
-    async def link(self, name: str) -> Link | None:
+    async def _get_link(self, **match: Any) -> Link | None:
         try:
-            msgs = await self.ipr.link("get", ifname=name)
+            msgs = await self.ipr.link("get", **match)
         except NetlinkError as e:
             if e.code in (errno.ENODEV, errno.ENOENT):
                 return None
@@ -153,14 +152,12 @@ class Netlink:
         return _link(msgs[0]) if msgs else None
 
     @on_netlink_loop
+    async def link(self, name: str) -> Link | None:
+        return await self._get_link(ifname=name)
+
+    @on_netlink_loop
     async def link_by_index(self, index: int) -> Link | None:
-        try:
-            msgs = await self.ipr.link("get", index=index)
-        except NetlinkError as e:
-            if e.code in (errno.ENODEV, errno.ENOENT):
-                return None
-            raise
-        return _link(msgs[0]) if msgs else None
+        return await self._get_link(index=index)
 
     @on_netlink_loop
     async def create_vxlan(self, spec: VxlanSpec, mac: str | None = None) -> Link:

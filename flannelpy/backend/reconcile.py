@@ -9,7 +9,7 @@ flanneld never removes anything, so routes to vanished hosts stay forever).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -236,6 +236,24 @@ def vtep_address(subnet: IPv4Network) -> IPv4Address:
     return subnet.network_address
 
 
+def _remote_leases(leases: Iterable[Lease], btype: str, own_subnet: IPv4Network | None,
+                   own_ip: IPv4Address | None, skipped: list[Skipped]) -> Iterator[Lease]:
+    """The leases a backend of type `btype` routes, in subnet order; the others go to `skipped` with why."""
+    for lease in sorted(leases, key=lambda x: x.subnet):
+        if lease.subnet == own_subnet:
+            continue
+        if lease.attrs.public_ip == own_ip:
+            # An old lease of this host (or a misconfigured peer): routing it would loop back to us.
+            skipped.append(Skipped(lease.subnet, "lease announces this host's own public IP",
+                                   {"public_ip": str(own_ip)}))
+            continue
+        if lease.attrs.effective_backend != btype:
+            skipped.append(Skipped(lease.subnet, "backend type mismatch",
+                                   {"lease_backend": lease.attrs.effective_backend}))
+            continue
+        yield lease
+
+
 def desired_vxlan(
     leases: Iterable[Lease],
     *,
@@ -253,18 +271,7 @@ def desired_vxlan(
     neighbours: set[Neighbour] = set()
     fdb: set[FdbEntry] = set()
     skipped: list[Skipped] = []
-    for lease in sorted(leases, key=lambda x: x.subnet):
-        if lease.subnet == own_subnet:
-            continue
-        if lease.attrs.public_ip == own_ip:
-            # An old lease of this host (or a misconfigured peer): routing it would loop back to us.
-            skipped.append(Skipped(lease.subnet, "lease announces this host's own public IP",
-                                   {"public_ip": str(own_ip)}))
-            continue
-        btype = lease.attrs.effective_backend
-        if btype != "vxlan":
-            skipped.append(Skipped(lease.subnet, "backend type mismatch", {"lease_backend": btype}))
-            continue
+    for lease in _remote_leases(leases, "vxlan", own_subnet, own_ip, skipped):
         vtep = parse_vtep(lease)
         if vtep is None:
             skipped.append(Skipped(lease.subnet, "BackendData has no valid VtepMAC",
@@ -298,18 +305,7 @@ def desired_hostgw(
     connected = list(connected)
     routes: set[Route] = set()
     skipped: list[Skipped] = []
-    for lease in sorted(leases, key=lambda x: x.subnet):
-        if lease.subnet == own_subnet:
-            continue
-        if lease.attrs.public_ip == own_ip:
-            # An old lease of this host (or a misconfigured peer): routing it would loop back to us.
-            skipped.append(Skipped(lease.subnet, "lease announces this host's own public IP",
-                                   {"public_ip": str(own_ip)}))
-            continue
-        btype = lease.attrs.effective_backend
-        if btype != "host-gw":
-            skipped.append(Skipped(lease.subnet, "backend type mismatch", {"lease_backend": btype}))
-            continue
+    for lease in _remote_leases(leases, "host-gw", own_subnet, own_ip, skipped):
         public_ip = lease.attrs.public_ip
         if not is_directly_connected(public_ip, connected):
             skipped.append(Skipped(
