@@ -72,9 +72,9 @@ class MemoryRegistry:
             if lease not in self._leases:
                 raise LeaseNotFoundError("etcdserver: requested lease not found")
             self._leases[lease].keys.add(key)
-        self._data[key] = KeyValue(key, value, lease, self.revision,
-                                   old.create_revision if old else self.revision, (old.version if old else 0) + 1)
-        self._emit([WatchEvent(EventType.PUT, key, value, lease, self.revision)])
+        created = old.create_revision if old else self.revision
+        self._data[key] = KeyValue(key, value, lease, self.revision, created, (old.version if old else 0) + 1)
+        self._emit([WatchEvent(EventType.PUT, key, value, lease, self.revision, created)])
         return self.revision
 
     def _delete(self, keys: list[str]) -> None:

@@ -75,6 +75,8 @@ class Lease:
     expiration: float | None = None
     etcd_lease_id: int = 0
     revision: int = field(default=0, compare=False)  # etcd mod_revision of the key
+    # etcd create_revision of the key: which of several leases sharing a PublicIP is routed (the oldest).
+    created: int = field(default=0, compare=False)
 
     @property
     def key(self) -> str:
@@ -86,7 +88,7 @@ class Lease:
 
     @classmethod
     def from_kv(cls, key: str, value: bytes, *, etcd_lease_id: int = 0, expiration: float | None = None,
-                revision: int = 0) -> Lease:
+                revision: int = 0, created: int = 0) -> Lease:
         """Build a lease from an etcd key (full path or last element) and value; raises ValueError."""
         subnet, v6 = parse_subnet_key(key)
-        return cls(subnet, LeaseAttrs.from_json(value), v6, expiration, etcd_lease_id, revision)
+        return cls(subnet, LeaseAttrs.from_json(value), v6, expiration, etcd_lease_id, revision, created)

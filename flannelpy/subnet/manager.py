@@ -143,7 +143,8 @@ class SubnetManager:
 
     def _parse(self, kv: KeyValue) -> Lease | None:
         try:
-            return Lease.from_kv(kv.key, kv.value, etcd_lease_id=kv.lease, revision=kv.mod_revision)
+            return Lease.from_kv(kv.key, kv.value, etcd_lease_id=kv.lease, revision=kv.mod_revision,
+                                 created=kv.create_revision)
         except ValueError as e:
             self._report_once(kv.key, kv.mod_revision, str(e))
             return None
@@ -152,6 +153,18 @@ class SubnetManager:
         for lease, why in watcher.ignored:
             self._report_once(self.subnets_prefix + lease.key, lease.revision, why)
         watcher.ignored.clear()
+        for lease, used in watcher.duplicates:
+            if used is None:
+                log.warning("lease ignored: it announces this host's own public IP", subnet=str(lease.subnet),
+                            public_ip=str(lease.attrs.public_ip), key=self.subnets_prefix + lease.key,
+                            fix="delete the stale lease key")
+            else:
+                log.warning("lease ignored: another lease has the same public IP", subnet=str(lease.subnet),
+                            public_ip=str(lease.attrs.public_ip), used=str(used.subnet),
+                            key=self.subnets_prefix + lease.key,
+                            note="of leases sharing a PublicIP every host routes only the oldest",
+                            fix="delete the stale lease key")
+        watcher.duplicates.clear()
 
     @staticmethod
     def _subnet_of(key: str) -> IPv4Network | None:
@@ -240,9 +253,10 @@ class SubnetManager:
             if lease is not None:
                 leases.append(lease)
 
-        # 1. A lease that already carries our PublicIP.
+        # 1. A lease that already carries our PublicIP. Of several, the one every other host routes
+        # (lease_for_public_ip, the oldest of those that fit); the others stay ignored everywhere.
         mine = [le for le in leases if le.attrs.public_ip == attrs.public_ip]
-        mine.sort(key=lambda le: le.subnet != prev_subnet)  # prefer the subnet file's one
+        mine.sort(key=lambda le: (config.contains_subnet(le.subnet), le.created, le.subnet))
         for lease in mine:
             if not config.contains_subnet(lease.subnet):
                 if lease.is_reservation:
@@ -448,7 +462,7 @@ class SubnetManager:
             if ev.type is EventType.DELETE:
                 events.append(LeaseEvent.removed(subnet))
                 continue
-            lease = self._parse(KeyValue(ev.key, ev.value, ev.lease, ev.revision))
+            lease = self._parse(KeyValue(ev.key, ev.value, ev.lease, ev.revision, ev.create_revision))
             # A key whose value turned into garbage no longer routes anywhere.
             events.append(LeaseEvent.added(lease) if lease is not None else LeaseEvent.removed(subnet))
         return events
@@ -456,7 +470,7 @@ class SubnetManager:
     async def watch_leases(self, config: NetworkConfig,
                            own: Lease) -> AsyncIterator[tuple[list[Lease], list[Lease]]]:
         """Yield (added, removed): first the whole current set as added, then changes as they happen."""
-        watcher = LeaseWatcher(config, own.subnet)
+        watcher = LeaseWatcher(config, own.subnet, own.attrs.public_ip)
         first = True
         while True:
             kvs, rev = await self._list()

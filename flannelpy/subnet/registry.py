@@ -78,6 +78,7 @@ class WatchEvent:
     value: bytes  # empty for DELETE
     lease: int
     revision: int  # the mod_revision of the change
+    create_revision: int = 0  # of the key (PUT only)
 
 
 @dataclass(frozen=True)
@@ -556,7 +557,7 @@ class EtcdRegistry:
                 events = [
                     WatchEvent(EventType.PUT if ev.type == rpc.Event.PUT else EventType.DELETE,
                                _decode_key(ev.kv.key), bytes(ev.kv.value), int(ev.kv.lease),
-                               int(ev.kv.mod_revision))
+                               int(ev.kv.mod_revision), int(ev.kv.create_revision))
                     for ev in resp.events
                 ]
                 if events:
