@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/mypy
-# Two workers, whole files each (module-scoped clusters are built once per worker): most tests wait on
-# daemons, etcd and the network rather than on the CPU, so this halves the wall time on 2 cores.
-exec .venv/bin/python -m pytest -q -ra -n 2 --dist loadfile "$@"
+# Three workers, whole files each (module-scoped clusters are built once per worker). The 10-minute
+# reliability soak (tests/reliability/test_soak.py, collected first; --no-loadscope-reorder keeps that order)
+# starts at once on a worker of its own and is mostly idle; the other two workers run the rest of the suite
+# meanwhile (most tests wait on daemons, etcd and the network rather than on the CPU). Deselect the soak
+# for a quick local run with: scripts/test.sh -m 'not soak'
+exec .venv/bin/python -m pytest -q -ra -n 3 --dist loadfile --no-loadscope-reorder --durations=25 "$@"
