@@ -42,47 +42,29 @@ from fastpath.core cimport (
     PacketCore,
 )
 
-cdef extern from "<sys/uio.h>" nogil:
-    struct iovec:
-        void* iov_base
-        size_t iov_len
-    ssize_t writev(int fd, const iovec* iov, int iovcnt)
+from posix.uio cimport iovec, writev
 
-cdef extern from "offload.h" nogil:
-    enum:
-        FP_VNET_LEN
-        FP_F_NEEDS_CSUM
-        FP_GSO_NONE
-        FP_HDR_MAX
-        FP_SOL_UDP
-        FP_UDP_SEGMENT
-        FP_UDP_GRO
-        FP_GSO_MAX_SEGS
-        FP_GSO_MAX_BYTES
-    ctypedef struct fp_vnet:
-        unsigned char flags
-        unsigned char gso_type
-        unsigned short hdr_len
-        unsigned short gso_size
-        unsigned short csum_start
-        unsigned short csum_offset
-    ctypedef struct fp_tso:
-        int ihl
-        int hdr_len
-        int payload
-        int gso_size
-        int nseg
-    ctypedef struct fp_gro:
-        int nseg
-        iovec iov[66]
-    void fp_vnet_read(const unsigned char* p, fp_vnet* h)
-    int fp_csum_complete(unsigned char* pkt, size_t n, uint32_t start, uint32_t offset)
-    int fp_tso_parse(const unsigned char* pkt, size_t n, const fp_vnet* vh, fp_tso* t)
-    int fp_tso_segment(const unsigned char* pkt, const fp_tso* t, int i, unsigned char* hdr)
-    int fp_gro_candidate(const unsigned char* p, int n)
-    void fp_gro_start(fp_gro* g, const unsigned char* p, int n, int hdr_len)
-    int fp_gro_append(fp_gro* g, const unsigned char* p, int n, int hdr_len)
-    int fp_gro_finish(fp_gro* g)
+from fastpath.offload cimport (
+    FP_F_NEEDS_CSUM,
+    FP_GSO_MAX_BYTES,
+    FP_GSO_MAX_SEGS,
+    FP_GSO_NONE,
+    FP_SOL_UDP,
+    FP_UDP_GRO,
+    FP_UDP_SEGMENT,
+    FP_VNET_LEN,
+    fp_csum_complete,
+    fp_gro,
+    fp_gro_append,
+    fp_gro_candidate,
+    fp_gro_finish,
+    fp_gro_start,
+    fp_tso,
+    fp_tso_parse,
+    fp_tso_segment,
+    fp_vnet,
+    fp_vnet_read,
+)
 
 cdef extern from "<unistd.h>" nogil:
     ssize_t read(int fd, void* buf, size_t count)
@@ -149,30 +131,6 @@ cdef extern from "<sys/socket.h>" nogil:
 
 DEFAULT_BATCH = 64
 MAX_BATCH = 1024
-
-
-cdef inline int wait_readable(int fd, int stop_fd) noexcept nogil:
-    """1: fd readable; 0: stop requested; -1: poll failed (errno); -2: fd closed (EBADF)."""
-    cdef pollfd fds[2]
-    cdef int r
-    fds[0].fd = stop_fd
-    fds[0].events = POLLIN
-    fds[1].fd = fd
-    fds[1].events = POLLIN
-    while True:
-        fds[0].revents = 0
-        fds[1].revents = 0
-        r = poll(fds, 2, -1)
-        if r < 0:
-            if errno == EINTR:
-                continue
-            return -1
-        if fds[0].revents:
-            return 0
-        if fds[1].revents & POLLNVAL:
-            return -2  # the fd was closed under us
-        if fds[1].revents:
-            return 1
 
 
 cdef enum:
@@ -418,127 +376,13 @@ cdef class Datapath:
 
     def run_encap(self):
         """TUN -> UDP until stop(). Raises OSError if the TUN or the socket fails for good."""
-        if self.vnet_hdr or self.gso or self.gro:
-            return self.run_offload(1, 0)
-        cdef Py_ssize_t bufsize = self.bufsize
-        cdef int batch = self.batch
-        cdef unsigned char* bufs = <unsigned char*>calloc(batch, bufsize)
-        cdef unsigned char* reply = <unsigned char*>calloc(1, ICMP_REPLY_MAX_C)
-        cdef mmsghdr* msgs = <mmsghdr*>calloc(batch, sizeof(mmsghdr))
-        cdef iovec* iovs = <iovec*>calloc(batch, sizeof(iovec))
-        cdef sockaddr_in* addrs = <sockaddr_in*>calloc(batch, sizeof(sockaddr_in))
-        if bufs == NULL or reply == NULL or msgs == NULL or iovs == NULL or addrs == NULL:
-            free(bufs); free(reply); free(msgs); free(iovs); free(addrs)
-            raise MemoryError()
-        cdef int fail = 0
-        cdef int i, nmsg, sent, r, v
-        cdef ssize_t n
-        cdef uint32_t value
-        cdef PacketCore core = self.core
-        cdef int tun = self.tun_fd, sock = self.udp_fd, stop_fd = self.stop_fd
-        cdef unsigned short nport = htons(<unsigned short>self.port)
-        for i in range(batch):
-            addrs[i].sin_family = AF_INET
-            addrs[i].sin_port = nport
-        with nogil:
-            while True:
-                r = wait_readable(tun, stop_fd)
-                if r <= 0:
-                    fail = 0 if r == 0 else (EBADF if r == -2 else errno)
-                    break
-                nmsg = 0
-                for i in range(batch):
-                    n = read(tun, bufs + i * bufsize, bufsize)
-                    if n <= 0:
-                        if n == 0:
-                            fail = EPIPE  # end of file: the TUN (or a fake's peer) went away
-                        elif errno != EAGAIN and errno != EINTR:
-                            fail = errno
-                        break
-                    v = core.encap_c(bufs + i * bufsize, n, reply, &value)
-                    if v == V_FORWARD:
-                        addrs[nmsg].sin_addr.s_addr = htonl(value)
-                        iovs[nmsg].iov_base = bufs + i * bufsize
-                        iovs[nmsg].iov_len = n
-                        msgs[nmsg].msg_hdr.msg_name = &addrs[nmsg]
-                        msgs[nmsg].msg_hdr.msg_namelen = sizeof(sockaddr_in)
-                        msgs[nmsg].msg_hdr.msg_iov = &iovs[nmsg]
-                        msgs[nmsg].msg_hdr.msg_iovlen = 1
-                        nmsg += 1
-                    elif v == V_ICMP:
-                        if write(tun, reply, value) < 0:
-                            core.counts[C_ICMP_WRITE_ERROR] += 1
-                sent = 0
-                while sent < nmsg:
-                    r = sendmmsg(sock, msgs + sent, nmsg - sent, 0)
-                    if r < 0:
-                        if errno == EINTR:
-                            continue
-                        # This datagram cannot go (no route to the peer, EMSGSIZE, ...): skip it.
-                        core.counts[C_ENCAP_DROP_SEND_ERROR] += 1
-                        sent += 1
-                    else:
-                        sent += r
-                if fail:
-                    break
-        free(bufs); free(reply); free(msgs); free(iovs); free(addrs)
-        if fail:
-            raise OSError(fail, f"encap loop stopped: TUN/UDP error {fail}")
+        self.run_loop(1, 0)
 
     def run_decap(self):
         """UDP -> TUN until stop(). Raises OSError if the socket or the TUN fails for good."""
-        if self.vnet_hdr or self.gso or self.gro:
-            return self.run_offload(0, 1)
-        cdef Py_ssize_t bufsize = self.bufsize
-        cdef int batch = self.batch
-        cdef unsigned char* bufs = <unsigned char*>calloc(batch, bufsize)
-        cdef mmsghdr* msgs = <mmsghdr*>calloc(batch, sizeof(mmsghdr))
-        cdef iovec* iovs = <iovec*>calloc(batch, sizeof(iovec))
-        cdef sockaddr_in* addrs = <sockaddr_in*>calloc(batch, sizeof(sockaddr_in))
-        if bufs == NULL or msgs == NULL or iovs == NULL or addrs == NULL:
-            free(bufs); free(msgs); free(iovs); free(addrs)
-            raise MemoryError()
-        cdef int fail = 0
-        cdef int i, r, v
-        cdef Py_ssize_t n
-        cdef uint32_t value
-        cdef PacketCore core = self.core
-        cdef int tun = self.tun_fd, sock = self.udp_fd, stop_fd = self.stop_fd
-        for i in range(batch):
-            iovs[i].iov_base = bufs + i * bufsize
-            iovs[i].iov_len = bufsize
-            msgs[i].msg_hdr.msg_iov = &iovs[i]
-            msgs[i].msg_hdr.msg_iovlen = 1
-            msgs[i].msg_hdr.msg_name = &addrs[i]
-        with nogil:
-            while True:
-                r = wait_readable(sock, stop_fd)
-                if r <= 0:
-                    fail = 0 if r == 0 else (EBADF if r == -2 else errno)
-                    break
-                for i in range(batch):
-                    msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
-                    msgs[i].msg_hdr.msg_flags = 0
-                # MSG_TRUNC: msg_len is the datagram's real length, so oversized ones are seen as such.
-                r = recvmmsg(sock, msgs, batch, MSG_DONTWAIT | MSG_TRUNC, NULL)
-                if r < 0:
-                    if errno == EAGAIN or errno == EINTR:
-                        continue
-                    fail = errno
-                    break
-                for i in range(r):
-                    n = msgs[i].msg_len
-                    if msgs[i].msg_hdr.msg_flags & MSG_TRUNC and n <= bufsize:
-                        n = bufsize + 1
-                    v = core.decap_c(bufs + i * bufsize, n, ntohl(addrs[i].sin_addr.s_addr), &value)
-                    if v == V_DELIVER:
-                        if write(tun, bufs + i * bufsize, value) < 0:
-                            core.counts[C_DECAP_DROP_WRITE_ERROR] += 1
-        free(bufs); free(msgs); free(iovs); free(addrs)
-        if fail:
-            raise OSError(fail, f"decap loop stopped: UDP/TUN error {fail}")
+        self.run_loop(0, 1)
 
-    cdef run_offload(self, bint do_encap, bint do_decap):
+    cdef run_loop(self, bint do_encap, bint do_decap):
         cdef Encap e
         cdef Decap d
         memset(&e, 0, sizeof(Encap))
@@ -582,7 +426,8 @@ cdef class Datapath:
 
 
 cdef inline int wait_any(int tun, int sock, int stop_fd, int* tun_ready, int* sock_ready) noexcept nogil:
-    """Like wait_readable for up to two fds (-1: not watched); 1 with the ready flags set."""
+    """Waits until the TUN or the socket (-1: not watched) is readable: 1 with the ready flags set; 0 stop
+    requested; -1 poll failed (errno); -2 an fd was closed under us (EBADF)."""
     cdef pollfd fds[3]
     cdef int r, n = 1, i
     fds[0].fd = stop_fd
@@ -624,7 +469,7 @@ cdef struct Encap:
     int batch
     int mtu
     int vnet
-    Py_ssize_t legacy       # the plain loop's read size: a longer packet is cut and so a bad length
+    Py_ssize_t legacy       # the read size without vnet_hdr: a longer packet is cut and so a bad length
     Py_ssize_t slot
     unsigned char* arena
     unsigned char* hdrs
@@ -722,7 +567,7 @@ cdef int encap_batch(Encap* e, PacketCore core) noexcept nogil:
                     counts[C_ENCAP_DROP + 2] += 1
                     continue
             if m > e.legacy:
-                m = e.legacy  # read as the plain loop would: a too-long packet is a bad length
+                m = e.legacy  # as a read without vnet_hdr would: a too-long packet is a bad length
         v = core.encap_c(pkt, m, e.reply, &value)
         if v == V_FORWARD:
             sender_push(&e.s, counts, pkt, m, NULL, 0, value)

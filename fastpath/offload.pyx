@@ -8,45 +8,6 @@ for tests and useless for speed.
 from libc.stdint cimport uint32_t
 from libc.string cimport memcpy
 
-cdef extern from "<sys/uio.h>" nogil:
-    struct iovec:
-        void* iov_base
-        size_t iov_len
-
-cdef extern from "offload.h" nogil:
-    enum:
-        FP_VNET_LEN
-        FP_HDR_MAX
-        FP_GSO_NONE
-        FP_GSO_TCPV4
-        FP_F_NEEDS_CSUM
-    ctypedef struct fp_vnet:
-        unsigned char flags
-        unsigned char gso_type
-        unsigned short hdr_len
-        unsigned short gso_size
-        unsigned short csum_start
-        unsigned short csum_offset
-    ctypedef struct fp_tso:
-        int ihl
-        int hdr_len
-        int payload
-        int gso_size
-        int nseg
-    ctypedef struct fp_gro:
-        int nseg
-        iovec iov[66]
-    uint32_t fp_sum(const unsigned char* p, size_t n)
-    void fp_vnet_read(const unsigned char* p, fp_vnet* h)
-    void fp_vnet_write(unsigned char* p, const fp_vnet* h)
-    int fp_csum_complete(unsigned char* pkt, size_t n, uint32_t start, uint32_t offset)
-    int fp_tso_parse(const unsigned char* pkt, size_t n, const fp_vnet* vh, fp_tso* t)
-    int fp_tso_segment(const unsigned char* pkt, const fp_tso* t, int i, unsigned char* hdr)
-    int fp_gro_candidate(const unsigned char* p, int n)
-    void fp_gro_start(fp_gro* g, const unsigned char* p, int n, int hdr_len)
-    int fp_gro_append(fp_gro* g, const unsigned char* p, int n, int hdr_len)
-    int fp_gro_finish(fp_gro* g)
-
 VNET_LEN = FP_VNET_LEN
 GSO_NONE = FP_GSO_NONE
 GSO_TCPV4 = FP_GSO_TCPV4
