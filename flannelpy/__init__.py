@@ -8,7 +8,12 @@ The library API (see docs/embedding.md):
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# gRPC's fork handlers write "skipping fork() handlers" to stderr, outside the structured log, at every
+# iptables call made while the etcd streams are busy; nothing here uses gRPC in a child process.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 __version__ = "0.1.0"
 
