@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Any
+from typing import Any, TypeVar
 
 from flannelpy.errors import ConfigError
 
@@ -233,25 +233,32 @@ def _ipv4_part(raw: dict[str, Any]) -> tuple[IPv4Network, int, IPv4Address, IPv4
     first = int(network.network_address)
     last_subnet = first + (1 << (32 - plen)) - size
 
-    def bound(key: str, name: str, default: int) -> IPv4Address:
-        s = _str(raw, key, name)
-        if s is None:
-            return IPv4Address(default)
-        try:
-            addr = IPv4Address(s)
-        except ValueError:
-            raise ConfigError(f"config key {name}={s!r}: not an IPv4 address") from None
-        if addr not in network:
-            raise ConfigError(f"config key {name}={s!r}: must lie in Network {network}")
-        if (int(addr) - first) % size:
-            raise ConfigError(f"config key {name}={s!r}: must be on a /{subnet_len} boundary (SubnetLen)")
-        return addr
-
-    smin = bound("subnetmin", "SubnetMin", first + size)
-    smax = bound("subnetmax", "SubnetMax", last_subnet)
+    smin = _bound(raw, "SubnetMin", IPv4Address(first + size), network, subnet_len, "Network", "SubnetLen")
+    smax = _bound(raw, "SubnetMax", IPv4Address(last_subnet), network, subnet_len, "Network", "SubnetLen")
     if smin > smax:
         raise ConfigError(f"config key SubnetMin={smin}: must not be above SubnetMax={smax}")
     return network, subnet_len, smin, smax
+
+
+_Address = TypeVar("_Address", IPv4Address, IPv6Address)
+
+
+def _bound(raw: dict[str, Any], name: str, default: _Address, network: IPv4Network | IPv6Network,
+           subnet_len: int, network_key: str, len_key: str) -> _Address:
+    """SubnetMin/SubnetMax (or the IPv6 pair): default when absent, else an address of the network on a
+    subnet boundary."""
+    s = _str(raw, name.lower(), name)
+    if s is None:
+        return default
+    try:
+        addr = type(default)(s)
+    except ValueError:
+        raise ConfigError(f"config key {name}={s!r}: not an IPv{default.version} address") from None
+    if addr not in network:
+        raise ConfigError(f"config key {name}={s!r}: must lie in {network_key} {network}")
+    if (int(addr) - int(network.network_address)) % (1 << (network.max_prefixlen - subnet_len)):
+        raise ConfigError(f"config key {name}={s!r}: must be on a /{subnet_len} boundary ({len_key})")
+    return addr
 
 
 def _ipv6_part(raw: dict[str, Any]) -> tuple[IPv6Network, int, IPv6Address, IPv6Address]:
@@ -287,22 +294,8 @@ def _ipv6_part(raw: dict[str, Any]) -> tuple[IPv6Network, int, IPv6Address, IPv6
     first = int(network.network_address)
     last = first + (1 << (128 - plen)) - size
 
-    def bound(key: str, name: str, default: int) -> IPv6Address:
-        s = _str(raw, key, name)
-        if s is None:
-            return IPv6Address(default)
-        try:
-            addr = IPv6Address(s)
-        except ValueError:
-            raise ConfigError(f"config key {name}={s!r}: not an IPv6 address") from None
-        if addr not in network:
-            raise ConfigError(f"config key {name}={s!r}: must lie in IPv6Network {network}")
-        if (int(addr) - first) % size:
-            raise ConfigError(f"config key {name}={s!r}: must be on a /{slen} boundary (IPv6SubnetLen)")
-        return addr
-
-    smin = bound("ipv6subnetmin", "IPv6SubnetMin", first + size)
-    smax = bound("ipv6subnetmax", "IPv6SubnetMax", last)
+    smin = _bound(raw, "IPv6SubnetMin", IPv6Address(first + size), network, slen, "IPv6Network", "IPv6SubnetLen")
+    smax = _bound(raw, "IPv6SubnetMax", IPv6Address(last), network, slen, "IPv6Network", "IPv6SubnetLen")
     if smin > smax:
         raise ConfigError(f"config key IPv6SubnetMin={smin}: must not be above IPv6SubnetMax={smax}")
     return network, slen, smin, smax

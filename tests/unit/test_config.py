@@ -109,6 +109,18 @@ def test_bad_subnet_bounds(key: str, value: str, rule: str) -> None:
     assert key in str(e.value) and value in str(e.value) and rule in str(e.value)
 
 
+@pytest.mark.parametrize(("key", "value", "rule"), [
+    ("IPv6SubnetMin", "fd00:7::", "must lie in IPv6Network"),
+    ("IPv6SubnetMax", "fd00:6:0:1::1", "boundary (IPv6SubnetLen)"),
+    ("IPv6SubnetMin", "10.5.1.0", "not an IPv6 address"),
+])
+def test_bad_ipv6_subnet_bounds(key: str, value: str, rule: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(json.dumps({"Network": "10.5.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00:6::/56",
+                                 key: value}))
+    assert key in str(e.value) and value in str(e.value) and rule in str(e.value)
+
+
 def test_subnet_min_above_max_is_rejected() -> None:
     with pytest.raises(ConfigError, match="SubnetMin"):
         parse_config(cfg(Network="10.5.0.0/16", SubnetMin="10.5.20.0", SubnetMax="10.5.10.0"))
