@@ -7,13 +7,17 @@ tests read and change rules only inside that namespace. The host's firewall is n
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import queue
 import random
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,7 +46,7 @@ async def main():
     config = parse_config(json.dumps({"Network": a["network"]}))
     lease = Lease.from_kv(a["subnet"], b'{"PublicIP":"10.99.0.1","PublicIPv6":null}')
     mgr = IptablesManager(config, lease, masq=a["masq"], forward=a["forward"], resync=a["resync"],
-                          tool=a["tool"])
+                          tool=a["tool"], lock_wait=a.get("lock_wait", 5))
     await mgr.install()
     if a["leave"]:  # a daemon that died without cleaning up
         print("LEFT", flush=True)
@@ -103,23 +107,40 @@ class Daemon:
     """The driver process inside the namespace."""
 
     def __init__(self, ns: str, tool: str, *, subnet: str = "10.5.58.0-24", masq: bool = True,
-                 forward: bool = True) -> None:
+                 forward: bool = True, lock_wait: int = 5, env: dict[str, str] | None = None) -> None:
         args = {"network": "10.5.0.0/16", "subnet": subnet, "masq": masq, "forward": forward,
-                "resync": RESYNC, "tool": tool, "leave": False}
+                "resync": RESYNC, "tool": tool, "leave": False, "lock_wait": lock_wait}
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", ns, sys.executable, "-c", DRIVER, json.dumps(args)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": REPO},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONPATH": REPO, **(env or {})},
         )
         self.output: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()  # None: end of output
+        threading.Thread(target=self._read, daemon=True).start()
         self.wait_for("READY")
 
-    def wait_for(self, marker: str) -> None:
+    def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:  # ends at EOF if the driver dies
+        with contextlib.suppress(ValueError, OSError):  # closed by kill()
+            for line in self.proc.stdout:
+                self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_for(self, marker: str, *, within_line: bool = False) -> None:
+        """Read the driver's output up to the line `marker` (or a line containing it), at most DEADLINE s."""
+        end = time.monotonic() + DEADLINE
+        while (left := end - time.monotonic()) > 0:
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                raise AssertionError(f"driver exited before {marker}: {''.join(self.output)}")
             self.output.append(line)
-            if line.strip() == marker:
+            if line.strip() == marker or (within_line and marker in line):
                 return
-        raise AssertionError(f"driver exited before {marker}: {''.join(self.output)}")
+        raise AssertionError(f"no {marker!r} from the driver within {DEADLINE}s: {''.join(self.output)}")
 
     def terminate(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -204,6 +225,54 @@ def test_clean_shutdown_removes_everything_and_only_ours(netns, start):
     saved = netns("iptables-save").stdout
     assert "FLANNEL" not in saved and "flanneld" not in saved
     assert FOREIGN in saved
+
+
+@pytest.fixture
+def legacy_iptables(tmp_path) -> Iterator[dict[str, str]]:
+    """Environment for a driver that runs iptables-legacy, which takes the xtables lock (iptables-nft has none),
+    with a lock file of this test's own (XTABLES_LOCKFILE): holding it blocks nobody else's iptables."""
+    if shutil.which("iptables-legacy") is None or shutil.which("flock") is None:
+        pytest.skip("needs iptables-legacy and flock")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("iptables", "iptables-restore", "iptables-save"):
+        legacy = shutil.which(name.replace("iptables", "iptables-legacy", 1))
+        assert legacy is not None, f"{name.replace('iptables', 'iptables-legacy', 1)} is not installed"
+        (bin_dir / name).symlink_to(legacy)
+    yield {"PATH": f"{bin_dir}:{os.environ['PATH']}", "XTABLES_LOCKFILE": str(tmp_path / "xtables.lock")}
+
+
+def test_a_busy_xtables_lock_delays_the_check_and_rewrites_nothing(netns, start, legacy_iptables):
+    env = legacy_iptables
+
+    def sh(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", netns.ns, *argv], capture_output=True, text=True,
+                              timeout=60, env={**os.environ, **env}, check=True)
+
+    def ours(table: str) -> list[str]:
+        return [r for r in sh("iptables-save", "-t", table).stdout.splitlines() if "flanneld" in r]
+
+    d = start("iptables", lock_wait=1, env=env)
+    assert ours("nat") == MASQ and ours("filter") == FORWARD
+    # Another program holds the xtables lock for several resyncs (as a long iptables-restore would).
+    with open(env["XTABLES_LOCKFILE"], "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # what iptables-legacy takes, from this process: no helper to stop
+        d.wait_for("Could not read ip-masq/forward rules", within_line=True)
+        time.sleep(4 * (1 + RESYNC))  # a few more checks, each waiting 1 s for the lock
+    d.wait_for("ip-masq/forward rules readable again", within_line=True)
+    assert ours("nat") == MASQ and ours("filter") == FORWARD
+    # Still watching: a deleted jump comes back.
+    sh("iptables", "-t", "filter", "-D", "FORWARD", "-m", "comment", "--comment", "flanneld forward",
+       "-j", "FLANNEL-FWD")
+    assert eventually(lambda: ours("filter") == FORWARD)
+    assert d.terminate() == 0
+    out = "".join(d.output)
+    assert out.count("Could not read ip-masq/forward rules") == 1  # logged once, not per resync
+    assert "status 4" in out and "xtables lock" in out
+    # The only rewrite was for the deleted jump: none while the rules could not be read.
+    assert out.count("restoring them") == 1 and "chains=FLANNEL-FWD" in out
+    assert "Failed to ensure" not in out
+    assert not ours("nat") and not ours("filter")
 
 
 def test_forward_rules_alone(netns, start):

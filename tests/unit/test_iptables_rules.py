@@ -5,6 +5,7 @@ from __future__ import annotations
 from ipaddress import IPv4Network
 
 import pytest
+from structlog.testing import capture_logs
 
 from flannelpy.config import parse_config
 from flannelpy.host import iptables
@@ -139,3 +140,93 @@ async def test_disabled_manager_runs_no_tool(monkeypatch):
     assert await mgr.ensure() is False
     await mgr.run()
     await mgr.remove()
+
+
+@pytest.mark.parametrize(("out", "args", "restore"), [
+    ("iptables v1.8.9 (nf_tables)", ["--wait", "5"], ["--wait", "5"]),
+    ("iptables v1.6.2", ["--wait", "5"], ["--wait", "5"]),
+    ("iptables v1.6.0", ["--wait", "5"], []),
+    ("iptables v1.4.21", ["--wait"], []),
+    ("iptables v1.4.19", [], []),
+    ("garbage", [], []),
+])
+def test_lock_wait_option_by_version_as_go_iptables(out, args, restore):
+    assert iptables.wait_args(out, 5) == args
+    assert iptables.restore_wait_args(out, 5) == restore
+
+
+@pytest.mark.parametrize(("rc", "err", "absent"), [
+    (1, "iptables: Bad rule (does a matching rule exist in that chain?).", True),
+    (1, "iptables: No chain/target/match by that name.", True),
+    (2, "iptables v1.8.9 (legacy): Couldn't load target `FLANNEL-FWD':No such file or directory", True),
+    (2, "iptables v1.8.9 (nf_tables): Chain 'FLANNEL-FWD' does not exist", True),
+    (1, "Error: No such file or directory\nlist table ip flannel-ipv4", True),  # nft
+    (4, "Another app is currently holding the xtables lock. Stopped waiting after 5s.", False),
+    (1, "iptables v1.8.9 (nf_tables): Could not fetch rule set generation id: Permission denied", False),
+    (3, "can't initialize iptables table `nat': Table does not exist (do you need to insmod?)", False),
+    (139, "", False),
+])
+def test_absent_is_an_answer_a_busy_lock_is_not(rc, err, absent):
+    assert iptables.is_absent(rc, err) is absent
+
+
+class FakeIptables:
+    """Answers the manager's commands as iptables does; `busy` makes reads fail as under a held xtables lock."""
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.calls: list[list[str]] = []
+
+    async def __call__(self, argv: list[str], stdin: str | None = None) -> tuple[int, str, str]:
+        self.calls.append(argv)
+        if argv == ["iptables", "--version"]:
+            return 0, "iptables v1.8.9 (legacy)\n", ""
+        if argv[0] == "iptables-restore":
+            return 0, "", ""
+        if self.busy:
+            return 4, "", "Another app is currently holding the xtables lock. Stopped waiting after 5s."
+        if "-S" in argv:
+            chain = argv[-1]
+            return 0, f"-N {chain}\n-A {chain} -j RETURN\n", ""
+        return 0, "", ""  # -C: the jump is there
+
+    def restores(self) -> int:
+        return sum(1 for a in self.calls if a[0] == "iptables-restore")
+
+
+async def test_a_failed_read_is_retried_not_taken_for_a_change(monkeypatch):
+    fake = FakeIptables()
+    monkeypatch.setattr(iptables, "_run", fake)  # keeps the host's firewall out of reach
+    lease = Lease.from_kv("10.5.58.0-24", b'{"PublicIP":"10.99.0.1","PublicIPv6":null}')
+    mgr = IptablesManager(parse_config('{"Network":"10.5.0.0/16"}'), lease, True, True)
+    await mgr.install()
+    assert fake.restores() == 1
+    assert ["iptables", "--wait", "5", "-t", "nat", "-S", "FLANNEL-POSTRTG"] in fake.calls
+    assert ["iptables-restore", "--wait", "5", "--noflush"] in fake.calls
+    fake.busy = True
+    with capture_logs() as logs:
+        for _ in range(3):
+            assert await mgr.ensure() is False
+    assert fake.restores() == 1  # nothing rewritten on a failed read
+    assert mgr.errors == {"read": 3, "write": 0}
+    warnings = [e for e in logs if e["event"].startswith("Could not read")]
+    assert len(warnings) == 1 and "xtables lock" in warnings[0]["error"]  # rate-limited
+    fake.busy = False
+    with capture_logs() as logs:
+        assert await mgr.ensure() is False  # the rules are as installed
+    assert fake.restores() == 1
+    assert [e["event"] for e in logs] == ["ip-masq/forward rules readable again"]
+
+
+async def test_install_under_a_busy_lock_is_retried_by_the_resync(monkeypatch):
+    fake = FakeIptables()
+    fake.busy = True
+    monkeypatch.setattr(iptables, "_run", fake)
+    lease = Lease.from_kv("10.5.58.0-24", b'{"PublicIP":"10.99.0.1","PublicIPv6":null}')
+    mgr = IptablesManager(parse_config('{"Network":"10.5.0.0/16"}'), lease, True, False)
+    with pytest.raises(iptables.RulesUnreadable, match="xtables lock"):
+        await mgr.install()  # cannot tell whether the jump is there: inserting it blindly could duplicate it
+    assert fake.restores() == 0
+    assert await mgr.ensure() is False and mgr.errors["read"] == 1
+    fake.busy = False
+    assert await mgr.ensure() is True and fake.restores() == 1
