@@ -135,6 +135,11 @@ class Node:
     def counters(self) -> dict[str, int]:
         return self.backend.counters() if self.backend is not None else {}
 
+    @property
+    def iptables_errors(self) -> dict[str, int]:
+        """Failed iptables/nft commands by kind ("read", "write"); empty when no rules are managed."""
+        return dict(self._iptables.errors) if self._iptables is not None else {}
+
     def events(self) -> EventStream:
         """Lease batches as they are applied, from this call on (subscribed at once, not at first read)."""
         return EventStream(self._subscribers)

@@ -54,6 +54,12 @@ class NodeCollector:
         yield ttl
         yield CounterMetricFamily("flannel_etcd_reconnects", "Reconnections to etcd",
                                   value=getattr(self.registry, "reconnects", 0))
+        ipt = CounterMetricFamily("flannel_iptables_errors", "iptables/nft commands that failed (read: the rules "
+                                  "could not be listed, checked again at the next resync; write: not installed)",
+                                  labels=["op"])
+        for op, n in sorted((getattr(node, "iptables_errors", None) or {}).items()):
+            ipt.add_metric([op], n)
+        yield ipt
         lag = GaugeMetricFamily("flannel_watch_lag_seconds", "Seconds since the last lease batch was applied")
         if node.last_event_at is not None:
             lag.add_metric([], time.time() - node.last_event_at)

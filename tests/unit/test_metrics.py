@@ -38,3 +38,11 @@ def test_every_metric_name_is_prefixed_flannel() -> None:
     body = _scrape({"reconciles": 4})
     names = {line.split()[2] for line in body.splitlines() if line.startswith("# TYPE")}
     assert names and all(n.startswith("flannel_") for n in names)
+
+
+def test_iptables_errors_are_counted_by_operation() -> None:
+    node: Any = _Node(values={}, routes=RouteTable(), lease=None, config=None, last_event_at=None,
+                      iptables_errors={"read": 3, "write": 1})
+    body, _ = render_metrics(node, SimpleNamespace(reconnects=0))
+    assert 'flannel_iptables_errors_total{op="read"} 3.0' in body
+    assert 'flannel_iptables_errors_total{op="write"} 1.0' in body
