@@ -43,9 +43,9 @@ class HostGwBackend(KernelBackend):
         await self.nl.open()
         async with self._lock:
             owner = self._owner()
-            for r in await self.nl.routes():
-                if owner.owns_route(r):
-                    await self.nl.delete_route(r)
+            refused = await self.nl.delete_routes([r for r in await self.nl.routes() if owner.owns_route(r)])
+        for refusal in refused:
+            log.error("Could not remove route", backend=self.type, route=str(refusal.route), error=str(refusal))
         await self.nl.close()
 
     async def _check_public_ip(self) -> None:

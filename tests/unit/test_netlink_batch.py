@@ -1,0 +1,161 @@
+"""Batched route requests (flannelpy.backend.netlink): the wire format, checked against pyroute2's own decoder,
+and the batching against a fake kernel on a socket pair (no root, no kernel state)."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+from pyroute2.netlink.rtnl.rtmsg import rtmsg
+
+from flannelpy.backend import netlink
+from flannelpy.backend.netlink import BATCH, Ack, RouteBatcher, parse_acks, route_request
+from flannelpy.backend.reconcile import Route
+
+HDR = struct.Struct("=IHHII")
+
+
+def decode(data: bytes) -> rtmsg:
+    msg = rtmsg(data)
+    msg.decode()
+    return msg
+
+
+def test_add_request_is_what_ip_route_add_sends() -> None:
+    route = Route(IPv4Network("10.5.2.0/24"), IPv4Address("10.99.0.2"), 7)
+    data = route_request(route, 42)
+    msg = decode(data)
+    assert msg["header"]["type"] == netlink.RTM_NEWROUTE
+    assert msg["header"]["length"] == len(data)
+    assert msg["header"]["sequence_number"] == 42
+    # request + ack + create + exclusive: a route that exists is an error, never replaced
+    assert msg["header"]["flags"] == 0x1 | 0x4 | 0x400 | 0x200
+    assert (msg["family"], msg["dst_len"], msg["table"], msg["proto"], msg["scope"], msg["type"], msg["flags"]) \
+        == (socket.AF_INET, 24, 254, 3, 0, 1, 0)
+    assert msg.get_attr("RTA_DST") == "10.5.2.0"
+    assert msg.get_attr("RTA_GATEWAY") == "10.99.0.2"
+    assert msg.get_attr("RTA_OIF") == 7
+    assert msg.get_attr("RTA_TABLE") == 254
+    assert msg.get_attr("RTA_PRIORITY") is None
+
+
+def test_onlink_vxlan_route_and_metric() -> None:
+    route = Route(IPv4Network("10.5.3.0/24"), IPv4Address("10.5.3.0"), 9, onlink=True, priority=100)
+    msg = decode(route_request(route, 1))
+    assert msg["flags"] == netlink.RTNH_F_ONLINK
+    assert msg.get_attr("RTA_GATEWAY") == "10.5.3.0" and msg.get_attr("RTA_PRIORITY") == 100
+
+
+def test_device_route_has_link_scope() -> None:
+    msg = decode(route_request(Route(IPv4Network("10.5.4.0/24"), None, 3), 1))
+    assert msg["scope"] == 253 and msg.get_attr("RTA_GATEWAY") is None
+
+
+def test_delete_request_matches_any_protocol_scope_and_type() -> None:
+    route = Route(IPv4Network("10.5.2.0/24"), IPv4Address("10.99.0.2"), 7, priority=5)
+    msg = decode(route_request(route, 3, delete=True))
+    assert msg["header"]["type"] == netlink.RTM_DELROUTE and msg["header"]["flags"] == 0x1 | 0x4
+    assert (msg["proto"], msg["scope"], msg["type"]) == (0, 255, 0)
+    assert msg.get_attr("RTA_DST") == "10.5.2.0" and msg.get_attr("RTA_OIF") == 7
+    assert msg.get_attr("RTA_PRIORITY") == 5
+
+
+def ack(seq: int, code: int = 0, message: str = "", *, capped: bool = True, request: bytes = b"") -> bytes:
+    """An NLMSG_ERROR message as the kernel writes it."""
+    echo = request or HDR.pack(16, netlink.RTM_NEWROUTE, 0x605, seq, 0)
+    if capped:
+        echo = echo[:16]
+    tlvs = b""
+    flags = netlink.NLM_F_CAPPED if capped else 0
+    if message:
+        text = message.encode() + b"\0"
+        tlvs = struct.pack("=HH", 4 + len(text), netlink.NLMSGERR_ATTR_MSG) + text + bytes(-len(text) % 4)
+        flags |= netlink.NLM_F_ACK_TLVS
+    body = struct.pack("=i", -code) + echo + bytes(-len(echo) % 4) + tlvs
+    return HDR.pack(16 + len(body), netlink.NLMSG_ERROR, flags, seq, 0) + body
+
+
+def test_acks_with_and_without_the_kernel_s_message() -> None:
+    request = route_request(Route(IPv4Network("10.5.2.0/24"), IPv4Address("192.0.2.1"), 7), 6)
+    data = (ack(4) + ack(5, errno.EEXIST)
+            + ack(6, errno.ENETUNREACH, "Nexthop has invalid gateway", capped=False, request=request)
+            + HDR.pack(20, 3, 0, 7, 0) + b"\0" * 4  # NLMSG_DONE: not an ack
+            + ack(8, errno.ENODEV, "no such device"))
+    assert list(parse_acks(data)) == [
+        Ack(4, 0), Ack(5, errno.EEXIST), Ack(6, errno.ENETUNREACH, "Nexthop has invalid gateway"),
+        Ack(8, errno.ENODEV, "no such device"),
+    ]
+    assert list(parse_acks(ack(9)[:10])) == []  # truncated: nothing, and no endless loop
+    assert list(parse_acks(HDR.pack(0, 2, 0, 1, 0))) == []  # a zero length cannot loop either
+
+
+class FakeKernel:
+    """The far end of a socket pair: answers each request with its own ack datagram, as rtnetlink does,
+    refusing the destinations in `refuse` (errno, message) and staying silent for those in `silent`."""
+
+    def __init__(self, sock: socket.socket, refuse: dict[str, tuple[int, str]], silent: set[str]) -> None:
+        self.sock, self.refuse, self.silent = sock, refuse, silent
+        self.sends: list[int] = []  # requests per datagram received
+        self.seen: list[str] = []
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        while data := self.sock.recv(1 << 20):
+            off, count = 0, 0
+            while off < len(data):
+                length, _, _, seq, _ = HDR.unpack_from(data, off)
+                dst = decode(data[off:off + length]).get_attr("RTA_DST")
+                self.seen.append(dst)
+                count += 1
+                if dst not in self.silent:
+                    self.sock.send(ack(seq, *self.refuse.get(dst, (0, ""))))
+                off += length
+            self.sends.append(count)
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    ours.setblocking(False)
+    try:
+        yield ours, theirs
+    finally:
+        ours.close()
+        theirs.shutdown(socket.SHUT_RDWR)  # the fake kernel's recv() returns b"": its thread ends
+        theirs.close()
+
+
+def routes(n: int) -> list[Route]:
+    return [Route(IPv4Network(f"10.{5 + i // 256}.{i % 256}.0/24"), IPv4Address("10.99.0.2"), 2) for i in range(n)]
+
+
+async def test_many_routes_go_out_batch_per_send_and_every_refusal_names_its_route(pair) -> None:
+    ours, theirs = pair
+    wanted = routes(300)
+    kernel = FakeKernel(theirs, {"10.5.77.0": (errno.EEXIST, ""), "10.6.1.0": (errno.ENETUNREACH, "bad gw")}, set())
+    refused = await RouteBatcher(ours).exchange(wanted)
+    assert kernel.sends == [BATCH, BATCH, 300 - 2 * BATCH]  # not one send per route
+    assert kernel.seen == [str(r.dst.network_address) for r in wanted]
+    assert [(str(r.route.dst), r.code) for r in refused] == [("10.5.77.0/24", errno.EEXIST),
+                                                              ("10.6.1.0/24", errno.ENETUNREACH)]
+    assert str(refused[1]) == "Network is unreachable (bad gw)"
+    assert str(refused[1].route) == "10.6.1.0/24 via 10.99.0.2 dev#2"
+
+
+async def test_unanswered_requests_are_reported_not_waited_for_forever(pair, monkeypatch) -> None:
+    monkeypatch.setattr(netlink, "ACK_TIMEOUT", 0.2)
+    ours, theirs = pair
+    FakeKernel(theirs, {}, {"10.5.3.0"})
+    batcher = RouteBatcher(ours)
+    refused = await batcher.exchange(routes(5))
+    assert [(str(r.route.dst), r.code, r.message) for r in refused] == [
+        ("10.5.3.0/24", errno.ETIMEDOUT, "no answer from the kernel")]
+    assert await batcher.exchange(routes(2)) == []  # the socket goes on working
