@@ -6,143 +6,56 @@ daemon's lease watch would. Routes are read back with `ip -j route`, as an opera
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
-import subprocess
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
-from flannelpy.backend.base import ExternalInterface
 from flannelpy.backend.hostgw import HostGwBackend
 from flannelpy.config import parse_config
 from flannelpy.errors import FlannelError
-from flannelpy.lab.topology import Host, Topology
+from flannelpy.lab.topology import Topology
 from flannelpy.subnet.lease import Lease, LeaseAttrs
+from tests.netns.kernel_lab import (
+    NETWORK,
+    Node,
+    Nodes,
+    external_iface,
+    ping,
+    resynced,
+    routes,
+    sh,
+    subnet_of,
+    three_hosts,
+)
 
 pytestmark = [
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
 ]
 
-NETWORK = "10.5.0.0/16"
-FAST = 0.2  # resync interval in these tests (flanneld's is 10 s)
-
-
-def sh(netns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(["ip", "netns", "exec", netns, *argv], capture_output=True, text=True, timeout=30)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} in {netns}: {proc.stderr or proc.stdout}")
-    return proc
-
-
-def routes(netns: str) -> set[str]:
-    """`ip route` lines in a canonical form: "10.5.2.0/24 via 10.99.0.2 dev eth0"."""
-    out = set()
-    for r in json.loads(sh(netns, "ip", "-j", "route", "show").stdout or "[]"):
-        dst = r["dst"] if "/" in r["dst"] or r["dst"] == "default" else f"{r['dst']}/32"
-        out.add(dst + (f" via {r['gateway']}" if "gateway" in r else "") + f" dev {r['dev']}")
-    return out
-
-
-def ping(src_netns: str, dst: IPv4Address | str) -> bool:
-    return sh(src_netns, "ping", "-c", "2", "-i", "0.2", "-W", "2", str(dst), check=False).returncode == 0
-
 
 def cfg(**backend: Any) -> Any:
     return parse_config(json.dumps({"Network": NETWORK, "Backend": {"Type": "host-gw", **backend}}))
-
-
-def external_iface(host: Host, public_ip: IPv4Address | None = None) -> ExternalInterface:
-    link = json.loads(sh(host.netns, "ip", "-j", "link", "show", host.iface).stdout)[0]
-    return ExternalInterface(name=host.iface, index=link["ifindex"], ip=host.address,
-                             public_ip=public_ip or host.address, mtu=link["mtu"])
-
-
-def subnet_of(host: Host) -> IPv4Network:
-    return IPv4Network(f"10.5.{host.index}.0/24")
 
 
 def route_to(peer: Node) -> str:
     return f"{peer.lease.subnet} via {peer.lease.attrs.public_ip} dev eth0"
 
 
-@dataclass
-class Node:
-    host: Host
-    backend: HostGwBackend
-    lease: Lease
-    task: asyncio.Task[None] | None = None
-
-    @property
-    def ns(self) -> str:
-        return self.host.netns
-
-    @property
-    def container_ns(self) -> str:
-        return self.host.containers[0].netns
-
-    @property
-    def container_ip(self) -> IPv4Address:
-        return self.host.containers[0].address
-
-
 @pytest.fixture
 def lab() -> Iterator[Topology]:
-    with Topology() as topo:
-        topo.build(3)
-        for host in topo.hosts.values():
-            topo.add_containers(host.name, IPv4Interface(f"10.5.{host.index}.1/24"), mtu=1500, count=1)
-        yield topo
-
-
-class Nodes:
-    def __init__(self) -> None:
-        self.nodes: list[Node] = []
-
-    async def start(self, host: Host, *, run: bool = False) -> Node:
-        backend = HostGwBackend(cfg(), external_iface(host), netns=host.netns, resync_interval=FAST)
-        lease = Lease(subnet_of(host), await backend.lease_attrs())
-        await backend.start(lease)
-        node = Node(host, backend, lease)
-        if run:
-            node.task = asyncio.create_task(backend.run())
-        self.nodes.append(node)
-        return node
-
-    async def mesh(self) -> None:
-        for n in self.nodes:
-            await n.backend.apply([m.lease for m in self.nodes if m is not n], [])
+    yield from three_hosts(container_mtu=1500)
 
 
 @pytest.fixture
 async def nodes() -> AsyncIterator[Nodes]:
-    ns = Nodes()
-    try:
-        yield ns
-    finally:
-        for n in ns.nodes:
-            if n.task is not None:
-                n.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await n.task
-            await n.backend.stop()
-
-
-async def resynced(backend: HostGwBackend, rounds: int = 2) -> None:
-    """Until the run() loop has done `rounds` reconciles since this call (one full round after it)."""
-    start = backend.reconciles
-    for _ in range(500):
-        if backend.reconciles >= start + rounds:
-            return
-        await asyncio.sleep(FAST / 4)
-    raise AssertionError("the reconcile loop did not run")
+    async with Nodes(HostGwBackend, cfg()) as started:
+        yield started
 
 
 # ---- tests ----
@@ -271,3 +184,29 @@ async def test_mismatched_backend_and_unreachable_peer_not_routed(lab: Topology,
     assert sorted(e["subnet"] for e in reports) == ["10.5.40.0/24", "10.5.41.0/24", "10.5.42.0/24"]
     far_report = next(e for e in reports if e["subnet"] == "10.5.42.0/24")
     assert "directly connected" in far_report["reason"] and far_report["public_ip"] == "192.0.2.7"
+
+
+async def test_two_thousand_leases_are_all_routed_and_a_refused_one_is_named(lab: Topology, nodes: Nodes) -> None:
+    """Routes go to the kernel in batches: every one arrives, and a refusal in the middle of a batch is
+    reported for its own subnet without stopping the others."""
+    h1 = lab.hosts["h1"]
+    sh(h1.netns, "ip", "addr", "add", "10.98.0.1/16", "dev", "eth0")  # room for 2,000 distinct public IPs
+    config = parse_config(json.dumps({"Network": "10.0.0.0/8", "SubnetLen": 24, "Backend": {"Type": "host-gw"}}))
+    n1 = await nodes.start(h1, config)
+    peers = [Lease(IPv4Network(f"10.{16 + i // 256}.{i % 256}.0/24"),
+                   LeaseAttrs(IPv4Address(f"10.98.{1 + i // 250}.{1 + i % 250}"), backend_type="host-gw"))
+             for i in range(2000)]
+    clash = peers[1234].subnet
+    sh(h1.netns, "ip", "route", "add", str(clash), "dev", "docker0")  # someone else's route to that subnet
+    with capture_logs() as logs:
+        await n1.backend.apply(peers, [])
+    table = routes(h1.netns)
+    assert {f"{p.subnet} via {p.attrs.public_ip} dev eth0" for p in peers if p.subnet != clash} <= table
+    assert f"{clash} dev docker0" in table
+    errors = [e["failure"] for e in logs if e["event"] == "Could not program kernel entry"]
+    assert len(errors) == 1 and errors[0].startswith(f"add route {clash} via ") and "another route" in errors[0]
+    # teardown removes the 1,999 routes of ours, in batches too, and nothing else
+    await n1.backend.teardown()
+    table = routes(h1.netns)
+    assert not any(" via 10.98." in r for r in table)
+    assert f"{clash} dev docker0" in table

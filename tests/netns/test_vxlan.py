@@ -6,56 +6,30 @@ lease watch would. Kernel state is read back with `ip -j` / `bridge -j`, as an o
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
-import subprocess
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 import pytest
 
-from flannelpy.backend.base import ExternalInterface
 from flannelpy.backend.vxlan import VxlanBackend
 from flannelpy.config import parse_config
-from flannelpy.lab.topology import Host, Topology
+from flannelpy.lab.topology import Topology
 from flannelpy.subnet.lease import Lease, LeaseAttrs
+from tests.netns.kernel_lab import NETWORK, Node, Nodes, js, ping, resynced, routes, sh, subnet_of, three_hosts
 
 pytestmark = [
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
 ]
 
-NETWORK = "10.5.0.0/16"
 DEV = "flannel.1"
-FAST = 0.2  # resync interval in these tests (flanneld's is 10 s)
 
 
-def sh(netns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(["ip", "netns", "exec", netns, *argv], capture_output=True, text=True, timeout=30)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} in {netns}: {proc.stderr or proc.stdout}")
-    return proc
-
-
-def js(netns: str, *argv: str) -> list[dict[str, Any]]:
-    out = sh(netns, *argv).stdout.strip()
-    return json.loads(out) if out else []
-
-
-def routes(netns: str) -> set[str]:
-    """`ip route` lines in a canonical form: "10.5.2.0/24 via 10.5.2.0 dev flannel.1 onlink"."""
-    out = set()
-    for r in js(netns, "ip", "-j", "route", "show"):
-        dst = r["dst"] if "/" in r["dst"] or r["dst"] == "default" else f"{r['dst']}/32"
-        line = dst + (f" via {r['gateway']}" if "gateway" in r else "") + f" dev {r['dev']}"
-        if "onlink" in r.get("flags", []):
-            line += " onlink"
-        out.add(line)
-    return out
+def cfg(**backend: Any) -> Any:
+    return parse_config(json.dumps({"Network": NETWORK, "Backend": {"Type": "vxlan", **backend}}))
 
 
 def neighbours(netns: str) -> set[str]:
@@ -68,92 +42,15 @@ def fdb(netns: str) -> set[str]:
             for e in js(netns, "bridge", "-j", "fdb", "show", "dev", DEV) if "dst" in e}
 
 
-def ping(src_netns: str, dst: IPv4Address | str) -> bool:
-    return sh(src_netns, "ping", "-c", "2", "-i", "0.2", "-W", "2", str(dst), check=False).returncode == 0
-
-
-def cfg(**backend: Any) -> Any:
-    return parse_config(json.dumps({"Network": NETWORK, "Backend": {"Type": "vxlan", **backend}}))
-
-
-def external_iface(host: Host, public_ip: IPv4Address | None = None) -> ExternalInterface:
-    link = js(host.netns, "ip", "-j", "link", "show", host.iface)[0]
-    return ExternalInterface(name=host.iface, index=link["ifindex"], ip=host.address,
-                             public_ip=public_ip or host.address, mtu=link["mtu"])
-
-
-def subnet_of(host: Host) -> IPv4Network:
-    return IPv4Network(f"10.5.{host.index}.0/24")
-
-
-@dataclass
-class Node:
-    host: Host
-    backend: VxlanBackend
-    lease: Lease
-    task: asyncio.Task[None] | None = None
-
-    @property
-    def ns(self) -> str:
-        return self.host.netns
-
-    @property
-    def container_ns(self) -> str:
-        return self.host.containers[0].netns
-
-    @property
-    def container_ip(self) -> IPv4Address:
-        return self.host.containers[0].address
-
-
 @pytest.fixture
 def lab() -> Iterator[Topology]:
-    with Topology() as topo:
-        topo.build(3)
-        for host in topo.hosts.values():
-            topo.add_containers(host.name, IPv4Interface(f"10.5.{host.index}.1/24"), mtu=1450, count=1)
-        yield topo
-
-
-class Nodes:
-    """Backends started on lab hosts; everything is stopped (tasks cancelled, sockets closed) at the end."""
-
-    def __init__(self) -> None:
-        self.nodes: list[Node] = []
-
-    async def start(self, host: Host, config: Any = None, *, run: bool = False) -> Node:
-        backend = VxlanBackend(config or cfg(), external_iface(host), netns=host.netns, resync_interval=FAST)
-        attrs = await backend.lease_attrs()
-        lease = Lease(subnet_of(host), attrs)
-        await backend.start(lease)
-        node = Node(host, backend, lease)
-        if run:
-            node.task = asyncio.create_task(backend.run())
-        self.nodes.append(node)
-        return node
-
-    async def stop(self, node: Node) -> None:
-        if node.task is not None:
-            node.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await node.task
-            node.task = None
-        await node.backend.stop()
-
-    async def mesh(self) -> None:
-        """Every node learns every other node's lease (the daemon's first snapshot)."""
-        for n in self.nodes:
-            await n.backend.apply([m.lease for m in self.nodes if m is not n], [])
+    yield from three_hosts(container_mtu=1450)
 
 
 @pytest.fixture
 async def nodes() -> AsyncIterator[Nodes]:
-    ns = Nodes()
-    try:
-        yield ns
-    finally:
-        for n in ns.nodes:
-            await ns.stop(n)
+    async with Nodes(VxlanBackend, cfg()) as started:
+        yield started
 
 
 def vxlan_entries(peer: Node) -> tuple[str, str, str]:
@@ -165,16 +62,6 @@ def vxlan_entries(peer: Node) -> tuple[str, str, str]:
         f"{net.network_address} lladdr {mac} PERMANENT",
         f"{mac} dst {peer.lease.attrs.public_ip} self permanent",
     )
-
-
-async def resynced(backend: VxlanBackend, rounds: int = 2) -> None:
-    """Until the run() loop has done `rounds` reconciles since this call (so one full round started after it)."""
-    start = backend.reconciles
-    for _ in range(500):
-        if backend.reconciles >= start + rounds:
-            return
-        await asyncio.sleep(FAST / 4)
-    raise AssertionError("the reconcile loop did not run")
 
 
 # ---- tests ----
