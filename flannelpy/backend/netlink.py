@@ -86,6 +86,9 @@ NETLINK_EXT_ACK = 11
 SO_RCVBUFFORCE = 33
 RTM_NEWROUTE = 24
 RTM_DELROUTE = 25
+RTM_GETROUTE = 26
+NLMSG_DONE = 3
+NLM_F_DUMP = 0x300
 RTA_DST = 1
 RTA_OIF = 4
 RTA_GATEWAY = 5
@@ -97,6 +100,7 @@ RT_SCOPE_NOWHERE = 255
 _NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
 _NLA = struct.Struct("=HH")  # length, type
+_U32 = struct.Struct("=I")
 BATCH = 128  # requests per send: their acks (~1 KB of receive buffer each) fit a default-sized buffer
 ACK_TIMEOUT = 10.0  # seconds without any ack before the rest of a batch counts as unanswered
 
@@ -358,25 +362,8 @@ class Netlink:
 
     @on_netlink_loop
     async def routes(self) -> list[Route]:
-        out: list[Route] = []
-        async for msg in await self.ipr.route("dump", family=socket.AF_INET):
-            table = msg.get("RTA_TABLE") or msg["table"]
-            if table != RT_TABLE_MAIN or msg["type"] != RTN_UNICAST:
-                continue
-            oif = msg.get("RTA_OIF")
-            if oif is None:  # multipath: never ours
-                continue
-            dst = msg.get("RTA_DST") or "0.0.0.0"
-            gw = msg.get("RTA_GATEWAY")
-            out.append(Route(
-                dst=IPv4Network(f"{dst}/{msg['dst_len']}"),
-                gateway=IPv4Address(gw) if gw else None,
-                ifindex=oif,
-                onlink=bool(msg["flags"] & RTNH_F_ONLINK),
-                priority=msg.get("RTA_PRIORITY") or 0,
-                proto=msg["proto"],
-            ))
-        return out
+        """The main table's unicast IPv4 routes with a single next hop (multipath routes are never ours)."""
+        return await self._batcher().dump()
 
     @on_netlink_loop
     async def add_route(self, route: Route) -> None:
@@ -488,24 +475,108 @@ class Netlink:
                 raise
 
 
+def dump_request(seq: int) -> bytes:
+    """RTM_GETROUTE with NLM_F_DUMP for IPv4: every route of every table (filtered on our side)."""
+    body = _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+
+
+def parse_route_dump(data: bytes, seq: int, out: list[Route]) -> bool:
+    """Append the unicast main-table routes with one next hop in this part of a dump answer to `out`;
+    True once the dump is complete (NLMSG_DONE). An NLMSG_ERROR for the dump raises OSError."""
+    off, done = 0, False
+    while off + _NLMSGHDR.size <= len(data):
+        length, msg_type, _, msg_seq, _ = _NLMSGHDR.unpack_from(data, off)
+        if length < _NLMSGHDR.size:
+            break
+        end = min(off + length, len(data))
+        if msg_seq == seq:
+            if msg_type == NLMSG_DONE:
+                done = True
+            elif msg_type == NLMSG_ERROR and off + _NLMSGHDR.size + 4 <= end:
+                (err,) = struct.unpack_from("=i", data, off + _NLMSGHDR.size)
+                if err:
+                    raise OSError(-err, f"route dump refused: {os.strerror(-err)}")
+            elif msg_type == RTM_NEWROUTE and off + _NLMSGHDR.size + _RTMSG.size <= end:
+                route = _route(data, off + _NLMSGHDR.size, end)
+                if route is not None:
+                    out.append(route)
+        off += (length + 3) & ~3
+    return done
+
+
+def _route(data: bytes, at: int, end: int) -> Route | None:
+    family, dst_len, _, _, table, proto, _, rtype, flags = _RTMSG.unpack_from(data, at)
+    dst = gateway = oif = None
+    priority = 0
+    off = at + _RTMSG.size
+    while off + _NLA.size <= end:
+        length, kind = _NLA.unpack_from(data, off)
+        if length < _NLA.size:
+            break
+        value = off + _NLA.size
+        if kind == RTA_TABLE:
+            table = _U32.unpack_from(data, value)[0]
+        elif kind == RTA_DST:
+            dst = data[value:value + 4]
+        elif kind == RTA_OIF:
+            oif = _U32.unpack_from(data, value)[0]
+        elif kind == RTA_GATEWAY:
+            gateway = data[value:value + 4]
+        elif kind == RTA_PRIORITY:
+            priority = _U32.unpack_from(data, value)[0]
+        off += (length + 3) & ~3
+    if family != socket.AF_INET or table != RT_TABLE_MAIN or rtype != RTN_UNICAST or oif is None:
+        return None  # oif None: a multipath route, never ours
+    return Route(
+        dst=IPv4Network((dst or b"\0\0\0\0", dst_len), strict=False),
+        gateway=IPv4Address(gateway) if gateway else None,
+        ifindex=oif,
+        onlink=bool(flags & RTNH_F_ONLINK),
+        priority=priority,
+        proto=proto,
+    )
+
+
 class RouteBatcher:
     """Route requests on one rtnetlink socket, BATCH per send, every ack matched to its request."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock  # non-blocking
         self._seq = 0
+        self._lock = asyncio.Lock()  # one conversation at a time: answers are read in order
+
+    def _next_seq(self) -> int:
+        self._seq = self._seq % 0x7FFFFFFF + 1
+        return self._seq
+
+    async def dump(self) -> list[Route]:
+        """The main table's unicast IPv4 routes with one next hop, decoded here (pyroute2 takes ~0.25 ms
+        per route, 2.5 s for 10,000 on every resync)."""
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            seq = self._next_seq()
+            await loop.sock_sendall(self.sock, dump_request(seq))
+            out: list[Route] = []
+            while not parse_route_dump(await self._recv(loop), seq, out):
+                pass
+            return out
 
     async def exchange(self, routes: Sequence[Route], *, delete: bool = False) -> list[Refusal]:
         """Add (or delete) the routes; returns the refused ones, in order."""
+        async with self._lock:
+            return await self._exchange(routes, delete)
+
+    async def _exchange(self, routes: Sequence[Route], delete: bool) -> list[Refusal]:
         loop = asyncio.get_running_loop()
         refused: list[Refusal] = []
         for start in range(0, len(routes), BATCH):
             pending: dict[int, Route] = {}
             buf = bytearray()
             for route in routes[start:start + BATCH]:
-                self._seq = self._seq % 0x7FFFFFFF + 1
-                pending[self._seq] = route
-                buf += route_request(route, self._seq, delete=delete)
+                seq = self._next_seq()
+                pending[seq] = route
+                buf += route_request(route, seq, delete=delete)
             await loop.sock_sendall(self.sock, buf)  # the kernel handles every request inside this send
             while pending:
                 try:

@@ -159,3 +159,41 @@ async def test_unanswered_requests_are_reported_not_waited_for_forever(pair, mon
     assert [(str(r.route.dst), r.code, r.message) for r in refused] == [
         ("10.5.3.0/24", errno.ETIMEDOUT, "no answer from the kernel")]
     assert await batcher.exchange(routes(2)) == []  # the socket goes on working
+
+
+def encoded_route(seq: int, dst: str, dst_len: int, attrs: list[tuple[str, object]], *, table: int = 254,
+                  rtype: int = 1, flags: int = 0, proto: int = 3) -> bytes:
+    """An RTM_NEWROUTE as the kernel sends it in a dump, encoded by pyroute2."""
+    msg = rtmsg()
+    msg["header"]["type"] = netlink.RTM_NEWROUTE
+    msg["header"]["sequence_number"] = seq
+    msg["header"]["flags"] = 0x2  # NLM_F_MULTI
+    msg["family"], msg["dst_len"], msg["table"], msg["proto"], msg["type"], msg["flags"] = (
+        socket.AF_INET, dst_len, min(table, 255), proto, rtype, flags)
+    msg["attrs"] = [("RTA_TABLE", table), *([("RTA_DST", dst)] if dst_len else []), *attrs]
+    msg.encode()
+    return bytes(msg.data)
+
+
+def test_route_dump_decodes_what_pyroute2_encodes_and_keeps_only_candidates() -> None:
+    data = b"".join([
+        encoded_route(7, "10.5.2.0", 24, [("RTA_OIF", 4), ("RTA_GATEWAY", "10.5.2.0")], flags=netlink.RTNH_F_ONLINK),
+        encoded_route(7, "10.5.3.0", 24, [("RTA_OIF", 2), ("RTA_GATEWAY", "10.99.0.3"), ("RTA_PRIORITY", 50)]),
+        encoded_route(7, "0.0.0.0", 0, [("RTA_OIF", 2), ("RTA_GATEWAY", "10.99.0.254")], proto=4),
+        encoded_route(7, "10.99.0.0", 16, [("RTA_OIF", 2)], proto=2),
+        encoded_route(7, "10.5.6.0", 24, [("RTA_OIF", 2), ("RTA_GATEWAY", "10.99.0.6")], table=1000),  # other table
+        encoded_route(7, "10.5.7.0", 24, [], rtype=6),  # blackhole
+        encoded_route(7, "10.5.5.0", 24, []),  # multipath: no RTA_OIF
+        encoded_route(8, "10.5.9.0", 24, [("RTA_OIF", 2), ("RTA_GATEWAY", "10.99.0.9")]),  # another conversation
+    ])
+    out: list[Route] = []
+    assert netlink.parse_route_dump(data, 7, out) is False
+    assert [(str(r), r.priority, r.proto) for r in out] == [
+        ("10.5.2.0/24 via 10.5.2.0 dev#4 onlink", 0, 3),
+        ("10.5.3.0/24 via 10.99.0.3 dev#2", 50, 3),
+        ("0.0.0.0/0 via 10.99.0.254 dev#2", 0, 4),
+        ("10.99.0.0/16 dev#2", 0, 2),
+    ]
+    assert netlink.parse_route_dump(HDR.pack(20, netlink.NLMSG_DONE, 2, 7, 0) + bytes(4), 7, out) is True
+    with pytest.raises(OSError, match="route dump refused"):
+        netlink.parse_route_dump(ack(7, errno.EPERM), 7, out)
