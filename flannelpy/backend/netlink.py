@@ -8,11 +8,13 @@ turning pyroute2's messages into the plain values of flannelpy.backend.reconcile
 rtnetlink socket (in a named network namespace when given: tests run several hosts in one process) and
 subscribes to no multicast groups, so nothing queues up between requests.
 
-Routes are also written in batches (add_routes, delete_routes), which is what a start with thousands of
-leases needs: pyroute2 spends ~0.25 ms encoding one request and waits for each ack, so 10,000 routes took
-~10 s. A batch packs up to BATCH requests (a few struct.pack calls each) into one send on a second plain
-rtnetlink socket, then reads the acks, matched to the requests by sequence number: every refused route is
-still reported, with the kernel's errno and its extended-ack message.
+Routes, neighbours and fdb entries are also written in batches (add_routes, replace_neighbours, ...),
+which is what a start with thousands of leases needs: pyroute2 spends ~0.25 ms encoding one request and
+waits for each ack, so 10,000 host-gw routes took ~10 s. A batch packs up to BATCH requests (a few
+struct.pack calls each) into one send on a second plain rtnetlink socket, then reads the acks, matched to
+the requests by sequence number: every refused entry is still reported, with the kernel's errno and its
+extended-ack message. The route table is read on that socket too (routes()), decoded here for the same
+reason.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any, ParamSpec, TypeVar
@@ -87,6 +89,11 @@ SO_RCVBUFFORCE = 33
 RTM_NEWROUTE = 24
 RTM_DELROUTE = 25
 RTM_GETROUTE = 26
+RTM_NEWNEIGH = 28
+RTM_DELNEIGH = 29
+NLM_F_REPLACE = 0x100
+NDA_DST = 1
+NDA_LLADDR = 2
 NLMSG_DONE = 3
 NLM_F_DUMP = 0x300
 RTA_DST = 1
@@ -101,6 +108,7 @@ _NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
 _NLA = struct.Struct("=HH")  # length, type
 _U32 = struct.Struct("=I")
+_NDMSG = struct.Struct("=BBHiHBB")  # family, pad, pad, ifindex, state, flags, type
 BATCH = 128  # requests per send: their acks (~1 KB of receive buffer each) fit a default-sized buffer
 ACK_TIMEOUT = 10.0  # seconds without any ack before the rest of a batch counts as unanswered
 
@@ -144,11 +152,14 @@ def is_gone(exc: NetlinkError) -> bool:
     return exc.code in _GONE
 
 
+Entry = Route | Neighbour | FdbEntry
+
+
 @dataclass(frozen=True)
 class Refusal:
     """A batched request the kernel refused (or did not answer): errno and its extended-ack message."""
 
-    route: Route
+    item: Entry
     code: int
     message: str = ""  # the kernel's own words ("Nexthop has invalid gateway"), "" when it gave none
 
@@ -193,6 +204,42 @@ def route_request(route: Route, seq: int, *, delete: bool = False) -> bytes:
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, flags, seq, 0) + body
 
 
+def _mac(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+def neighbour_request(neigh: Neighbour, seq: int, *, delete: bool = False) -> bytes:
+    """`ip neigh replace <ip> lladdr <mac> dev <ifindex> nud permanent` (or `ip neigh del <ip> dev ...`)."""
+    if delete:
+        msg_type, flags, state = RTM_DELNEIGH, NLM_F_REQUEST | NLM_F_ACK, 0
+        attrs = _nla(NDA_DST, neigh.ip.packed)
+    else:
+        msg_type, flags, state = RTM_NEWNEIGH, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, NUD_PERMANENT
+        attrs = _nla(NDA_DST, neigh.ip.packed) + _nla(NDA_LLADDR, _mac(neigh.mac))
+    body = _NDMSG.pack(socket.AF_INET, 0, 0, neigh.ifindex, state, 0, 0) + attrs
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, flags, seq, 0) + body
+
+
+def fdb_request(entry: FdbEntry, seq: int, *, delete: bool = False) -> bytes:
+    """`bridge fdb replace <mac> dev <ifindex> dst <ip> self permanent` (or `bridge fdb del ...`), as
+    flanneld's NeighSet(AF_BRIDGE, NTF_SELF, NUD_PERMANENT)."""
+    if delete:
+        msg_type, flags = RTM_DELNEIGH, NLM_F_REQUEST | NLM_F_ACK
+    else:
+        msg_type, flags = RTM_NEWNEIGH, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
+    body = (_NDMSG.pack(socket.AF_BRIDGE, 0, 0, entry.ifindex, NUD_PERMANENT, NTF_SELF, 0)
+            + _nla(NDA_LLADDR, _mac(entry.mac)) + _nla(NDA_DST, entry.dst.packed))
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, flags, seq, 0) + body
+
+
+def entry_request(item: Entry, seq: int, *, delete: bool = False) -> bytes:
+    if isinstance(item, Route):
+        return route_request(item, seq, delete=delete)
+    if isinstance(item, Neighbour):
+        return neighbour_request(item, seq, delete=delete)
+    return fdb_request(item, seq, delete=delete)
+
+
 def parse_acks(data: bytes) -> Iterator[Ack]:
     """The acks (NLMSG_ERROR messages) in what one recv returned; other messages are skipped."""
     off = 0
@@ -232,7 +279,7 @@ class Netlink:
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
         self._ipr: AsyncIPRoute | None = None
-        self._batch: RouteBatcher | None = None  # its own socket: pyroute2 never reads the acks
+        self._batch: RequestBatcher | None = None  # its own socket: pyroute2 never reads the acks
 
     @on_netlink_loop
     async def open(self) -> Netlink:
@@ -396,25 +443,46 @@ class Netlink:
             if not is_gone(e):
                 raise
 
+    # ---- in batches: the refused entries are returned, in order ----
+
     @on_netlink_loop
     async def add_routes(self, routes: Sequence[Route]) -> list[Refusal]:
-        """add_route for many routes, in batches; returns the refused ones (EEXIST included)."""
+        """add_route for many routes (EEXIST is a refusal: the route is not replaced)."""
         return await self._exchange(routes, delete=False)
 
     @on_netlink_loop
     async def delete_routes(self, routes: Sequence[Route]) -> list[Refusal]:
-        """delete_route for many routes, in batches; a route already gone is no refusal."""
-        return [r for r in await self._exchange(routes, delete=True) if r.code not in _GONE]
+        """delete_route for many routes; a route already gone is no refusal."""
+        return await self._exchange(routes, delete=True)
 
-    def _batcher(self) -> RouteBatcher:
+    @on_netlink_loop
+    async def replace_neighbours(self, neighbours: Sequence[Neighbour]) -> list[Refusal]:
+        return await self._exchange(neighbours, delete=False)
+
+    @on_netlink_loop
+    async def delete_neighbours(self, neighbours: Sequence[Neighbour]) -> list[Refusal]:
+        return await self._exchange(neighbours, delete=True)
+
+    @on_netlink_loop
+    async def replace_fdb_entries(self, entries: Sequence[FdbEntry]) -> list[Refusal]:
+        return await self._exchange(entries, delete=False)
+
+    @on_netlink_loop
+    async def delete_fdb_entries(self, entries: Sequence[FdbEntry]) -> list[Refusal]:
+        return await self._exchange(entries, delete=True)
+
+    def _batcher(self) -> RequestBatcher:
         if self._ipr is None:
             raise RuntimeError("Netlink socket is not open; call open() first")
         if self._batch is None:
-            self._batch = RouteBatcher(batch_socket(self.netns))
+            self._batch = RequestBatcher(batch_socket(self.netns))
         return self._batch
 
-    async def _exchange(self, routes: Sequence[Route], *, delete: bool) -> list[Refusal]:
-        return await self._batcher().exchange(routes, delete=delete) if routes else []
+    async def _exchange(self, items: Sequence[Entry], *, delete: bool) -> list[Refusal]:
+        if not items:
+            return []
+        refused = await self._batcher().exchange(items, delete=delete)
+        return [r for r in refused if r.code not in _GONE] if delete else refused
 
     # ---- neighbours (ARP) ----
 
@@ -538,8 +606,8 @@ def _route(data: bytes, at: int, end: int) -> Route | None:
     )
 
 
-class RouteBatcher:
-    """Route requests on one rtnetlink socket, BATCH per send, every ack matched to its request."""
+class RequestBatcher:
+    """Requests on one rtnetlink socket, BATCH per send, every ack matched to its request."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock  # non-blocking
@@ -562,21 +630,21 @@ class RouteBatcher:
                 pass
             return out
 
-    async def exchange(self, routes: Sequence[Route], *, delete: bool = False) -> list[Refusal]:
-        """Add (or delete) the routes; returns the refused ones, in order."""
+    async def exchange(self, items: Sequence[Entry], *, delete: bool = False) -> list[Refusal]:
+        """Add/replace (or delete) the entries; returns the refused ones, in order."""
         async with self._lock:
-            return await self._exchange(routes, delete)
+            return await self._exchange(items, delete)
 
-    async def _exchange(self, routes: Sequence[Route], delete: bool) -> list[Refusal]:
+    async def _exchange(self, items: Sequence[Entry], delete: bool) -> list[Refusal]:
         loop = asyncio.get_running_loop()
         refused: list[Refusal] = []
-        for start in range(0, len(routes), BATCH):
-            pending: dict[int, Route] = {}
+        for start in range(0, len(items), BATCH):
+            pending: dict[int, Entry] = {}
             buf = bytearray()
-            for route in routes[start:start + BATCH]:
+            for item in items[start:start + BATCH]:
                 seq = self._next_seq()
-                pending[seq] = route
-                buf += route_request(route, seq, delete=delete)
+                pending[seq] = item
+                buf += entry_request(item, seq, delete=delete)
             await loop.sock_sendall(self.sock, buf)  # the kernel handles every request inside this send
             while pending:
                 try:
@@ -601,7 +669,7 @@ class RouteBatcher:
 
 
 def batch_socket(netns: str | None) -> socket.socket:
-    """A non-blocking rtnetlink socket for RouteBatcher: short acks with the kernel's message, and a receive
+    """A non-blocking rtnetlink socket for RequestBatcher: short acks with the kernel's message, and a receive
     buffer with room for a batch's acks."""
     if netns is None:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE)
@@ -702,30 +770,18 @@ async def execute_plan(nl: Netlink, plan: Plan, *, exists_ok: bool = False) -> l
     the failures are returned as messages. exists_ok: a route that is already there is no failure (the
     plan was made without reading the kernel; the next full reconcile tells ours from a conflict)."""
     failures: list[str] = []
-
-    async def attempt(what: str, item: object, op: Awaitable[None]) -> None:
-        try:
-            await op
-        except NetlinkError as e:
-            if exists_ok and e.code == errno.EEXIST:
-                return
-            why = os.strerror(e.code) if e.code > 0 else str(e)
-            failures.append(f"{what} {item}: {why}")
-
-    for refusal in await nl.delete_routes(plan.del_routes):
-        failures.append(f"delete route {refusal.route}: {refusal}")
-    for n in plan.del_neighbours:
-        await attempt("delete neighbour", n, nl.delete_neighbour(n))
-    for f in plan.del_fdb:
-        await attempt("delete fdb entry", f, nl.delete_fdb(f))
-    for f in plan.add_fdb:
-        await attempt("add fdb entry", f, nl.replace_fdb(f))
-    for n in plan.add_neighbours:
-        await attempt("add neighbour", n, nl.replace_neighbour(n))
-    for refusal in await nl.add_routes(plan.add_routes):
-        if refusal.code != errno.EEXIST:
-            failures.append(f"add route {refusal.route}: {refusal}")
+    for what, refused in (
+        ("delete route", await nl.delete_routes(plan.del_routes)),
+        ("delete neighbour", await nl.delete_neighbours(plan.del_neighbours)),
+        ("delete fdb entry", await nl.delete_fdb_entries(plan.del_fdb)),
+        ("add fdb entry", await nl.replace_fdb_entries(plan.add_fdb)),
+        ("add neighbour", await nl.replace_neighbours(plan.add_neighbours)),
+    ):
+        failures += [f"{what} {r.item}: {r}" for r in refused]
+    for r in await nl.add_routes(plan.add_routes):
+        if r.code != errno.EEXIST:
+            failures.append(f"add route {r.item}: {r}")
         elif not exists_ok:
-            failures.append(f"add route {refusal.route}: another route to this destination exists (another "
-                            "device or owner); left alone")
+            failures.append(f"add route {r.item}: another route to this destination exists (another device or "
+                            "owner); left alone")
     return failures

@@ -11,11 +11,12 @@ from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
+from pyroute2.netlink.rtnl.ndmsg import ndmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from flannelpy.backend import netlink
-from flannelpy.backend.netlink import BATCH, Ack, RouteBatcher, parse_acks, route_request
-from flannelpy.backend.reconcile import Route
+from flannelpy.backend.netlink import BATCH, Ack, RequestBatcher, parse_acks, route_request
+from flannelpy.backend.reconcile import FdbEntry, Neighbour, Route
 
 HDR = struct.Struct("=IHHII")
 
@@ -141,22 +142,22 @@ async def test_many_routes_go_out_batch_per_send_and_every_refusal_names_its_rou
     ours, theirs = pair
     wanted = routes(300)
     kernel = FakeKernel(theirs, {"10.5.77.0": (errno.EEXIST, ""), "10.6.1.0": (errno.ENETUNREACH, "bad gw")}, set())
-    refused = await RouteBatcher(ours).exchange(wanted)
+    refused = await RequestBatcher(ours).exchange(wanted)
     assert kernel.sends == [BATCH, BATCH, 300 - 2 * BATCH]  # not one send per route
     assert kernel.seen == [str(r.dst.network_address) for r in wanted]
-    assert [(str(r.route.dst), r.code) for r in refused] == [("10.5.77.0/24", errno.EEXIST),
+    assert [(str(r.item.dst), r.code) for r in refused] == [("10.5.77.0/24", errno.EEXIST),
                                                               ("10.6.1.0/24", errno.ENETUNREACH)]
     assert str(refused[1]) == "Network is unreachable (bad gw)"
-    assert str(refused[1].route) == "10.6.1.0/24 via 10.99.0.2 dev#2"
+    assert str(refused[1].item) == "10.6.1.0/24 via 10.99.0.2 dev#2"
 
 
 async def test_unanswered_requests_are_reported_not_waited_for_forever(pair, monkeypatch) -> None:
     monkeypatch.setattr(netlink, "ACK_TIMEOUT", 0.2)
     ours, theirs = pair
     FakeKernel(theirs, {}, {"10.5.3.0"})
-    batcher = RouteBatcher(ours)
+    batcher = RequestBatcher(ours)
     refused = await batcher.exchange(routes(5))
-    assert [(str(r.route.dst), r.code, r.message) for r in refused] == [
+    assert [(str(r.item.dst), r.code, r.message) for r in refused] == [
         ("10.5.3.0/24", errno.ETIMEDOUT, "no answer from the kernel")]
     assert await batcher.exchange(routes(2)) == []  # the socket goes on working
 
@@ -197,3 +198,29 @@ def test_route_dump_decodes_what_pyroute2_encodes_and_keeps_only_candidates() ->
     assert netlink.parse_route_dump(HDR.pack(20, netlink.NLMSG_DONE, 2, 7, 0) + bytes(4), 7, out) is True
     with pytest.raises(OSError, match="route dump refused"):
         netlink.parse_route_dump(ack(7, errno.EPERM), 7, out)
+
+
+def decode_nd(data: bytes) -> ndmsg:
+    msg = ndmsg(data)
+    msg.decode()
+    return msg
+
+
+def test_neighbour_requests_are_ip_neigh_replace_and_del() -> None:
+    neigh = Neighbour(IPv4Address("10.5.2.0"), "fa:80:ff:34:0d:06", 5)
+    msg = decode_nd(netlink.neighbour_request(neigh, 11))
+    assert (msg["header"]["type"], msg["header"]["flags"], msg["header"]["sequence_number"]) == (28, 0x505 | 0x100, 11)
+    assert (msg["family"], msg["ifindex"], msg["state"], msg["flags"]) == (socket.AF_INET, 5, 0x80, 0)
+    assert msg.get_attr("NDA_DST") == "10.5.2.0" and msg.get_attr("NDA_LLADDR") == "fa:80:ff:34:0d:06"
+    gone = decode_nd(netlink.neighbour_request(neigh, 12, delete=True))
+    assert (gone["header"]["type"], gone["header"]["flags"]) == (29, 0x5)
+    assert gone.get_attr("NDA_DST") == "10.5.2.0" and gone["ifindex"] == 5
+
+
+def test_fdb_requests_are_self_permanent_as_flanneld() -> None:
+    entry = FdbEntry("fa:80:ff:34:0d:06", IPv4Address("10.99.0.2"), 5)
+    for delete, msg_type in ((False, 28), (True, 29)):
+        msg = decode_nd(netlink.fdb_request(entry, 3, delete=delete))
+        assert msg["header"]["type"] == msg_type
+        assert (msg["family"], msg["ifindex"], msg["state"], msg["flags"]) == (socket.AF_BRIDGE, 5, 0x80, 0x02)
+        assert msg.get_attr("NDA_LLADDR") == "fa:80:ff:34:0d:06" and msg.get_attr("NDA_DST") == "10.99.0.2"

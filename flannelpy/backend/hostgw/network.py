@@ -45,7 +45,7 @@ class HostGwBackend(KernelBackend):
             owner = self._owner()
             refused = await self.nl.delete_routes([r for r in await self.nl.routes() if owner.owns_route(r)])
         for refusal in refused:
-            log.error("Could not remove route", backend=self.type, route=str(refusal.route), error=str(refusal))
+            log.error("Could not remove route", backend=self.type, route=str(refusal.item), error=str(refusal))
         await self.nl.close()
 
     async def _check_public_ip(self) -> None:
