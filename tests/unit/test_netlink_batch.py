@@ -196,7 +196,7 @@ def test_route_dump_decodes_what_pyroute2_encodes_and_keeps_only_candidates() ->
         ("10.99.0.0/16 dev#2", 0, 2),
     ]
     assert netlink.parse_route_dump(HDR.pack(20, netlink.NLMSG_DONE, 2, 7, 0) + bytes(4), 7, out) is True
-    with pytest.raises(OSError, match="route dump refused"):
+    with pytest.raises(OSError, match="netlink dump refused"):
         netlink.parse_route_dump(ack(7, errno.EPERM), 7, out)
 
 
@@ -224,3 +224,26 @@ def test_fdb_requests_are_self_permanent_as_flanneld() -> None:
         assert msg["header"]["type"] == msg_type
         assert (msg["family"], msg["ifindex"], msg["state"], msg["flags"]) == (socket.AF_BRIDGE, 5, 0x80, 0x02)
         assert msg.get_attr("NDA_LLADDR") == "fa:80:ff:34:0d:06" and msg.get_attr("NDA_DST") == "10.99.0.2"
+
+
+def test_neighbour_dump_decodes_what_pyroute2_encodes() -> None:
+    def encoded(seq: int, family: int, ifindex: int, state: int, attrs: list[tuple[str, object]]) -> bytes:
+        msg = ndmsg()
+        msg["header"]["type"] = netlink.RTM_NEWNEIGH
+        msg["header"]["sequence_number"] = seq
+        msg["family"], msg["ifindex"], msg["state"] = family, ifindex, state
+        msg["attrs"] = attrs
+        msg.encode()
+        return bytes(msg.data)
+
+    data = (encoded(4, socket.AF_INET, 5, 0x80, [("NDA_DST", "10.5.2.0"), ("NDA_LLADDR", "fa:80:ff:34:0d:06")])
+            + encoded(4, socket.AF_BRIDGE, 5, 0x80, [("NDA_LLADDR", "fa:80:ff:34:0d:07"), ("NDA_DST", "10.99.0.2")])
+            + encoded(4, socket.AF_INET, 6, 0x02, [("NDA_DST", "10.99.0.9")])  # incomplete: no lladdr
+            + encoded(5, socket.AF_INET, 5, 0x80, [("NDA_DST", "10.5.3.0")]))  # another conversation
+    out: list[netlink.NeighMsg] = []
+    assert netlink.parse_neigh_dump(data, 4, out) is False
+    assert out == [(5, 0x80, bytes([10, 5, 2, 0]), bytes.fromhex("fa80ff340d06")),
+                   (5, 0x80, bytes([10, 99, 0, 2]), bytes.fromhex("fa80ff340d07")),
+                   (6, 0x02, bytes([10, 99, 0, 9]), None)]
+    request = decode_nd(netlink.neigh_dump_request(9, socket.AF_BRIDGE))
+    assert request["header"]["flags"] == 0x301 and request["family"] == socket.AF_BRIDGE
