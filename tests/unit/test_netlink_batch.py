@@ -108,16 +108,17 @@ class FakeKernel:
 
     def serve(self) -> None:
         while data := self.sock.recv(1 << 20):
-            off, count = 0, 0
+            off, answers = 0, []
             while off < len(data):
                 length, _, _, seq, _ = HDR.unpack_from(data, off)
                 dst = decode(data[off:off + length]).get_attr("RTA_DST")
                 self.seen.append(dst)
-                count += 1
                 if dst not in self.silent:
-                    self.sock.send(ack(seq, *self.refuse.get(dst, (0, ""))))
+                    answers.append(ack(seq, *self.refuse.get(dst, (0, ""))))
                 off += length
-            self.sends.append(count)
+            self.sends.append(len(self.seen) - sum(self.sends))  # counted before the acks can end the batch
+            for answer in answers:
+                self.sock.send(answer)
 
 
 @pytest.fixture
