@@ -100,7 +100,17 @@ def netns() -> Iterator[Callable[..., subprocess.CompletedProcess[str]]]:
     try:
         yield sh
     finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        # An iptables child of a killed driver may still run in there, and `ip netns del` fails while it
+        # does: stop what is left (all started by this test), then delete until the name is gone.
+        for _ in range(50):
+            for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True,
+                                      timeout=30).stdout.split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+            if not os.path.exists(f"/run/netns/{ns}"):
+                break
+            time.sleep(0.1)
 
 
 class Daemon:
@@ -149,8 +159,12 @@ class Daemon:
 
     def kill(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=DEADLINE)
+            self.proc.send_signal(signal.SIGTERM)  # as a daemon is stopped: its iptables calls finish first
+            try:
+                self.proc.wait(timeout=DEADLINE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=DEADLINE)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
 
