@@ -37,6 +37,9 @@ from benchmarks import report
 from benchmarks.testbed import PROJECT_ROOT, SetupError, Testbed, last_error, stop_process
 
 START_NETWORK = "10.0.0.0/8"  # room for 10,000 /24 leases
+# The preloaded leases' PublicIPs: 10.99.1.1 upwards, outside the hosts' 10.99.0.0/24, on-link once a daemon's host
+# has its address as a /16 (daemon_start), so host-gw routes via every one of them.
+PEERS_FIRST = IPv4Address("10.99.1.1")
 
 
 @dataclass
@@ -217,10 +220,10 @@ async def preload(endpoint: str, size: int, progress: Any) -> dict[str, Any]:
         t = time.monotonic()
 
         async def put(i: int) -> None:
-            # Subnets from 10.1.0.0 upwards; PublicIPs 10.99.0.100-249 are on the hosts' link, so host-gw
-            # can route to them, and never a fresh host's own address (those count up from 10.99.0.2).
+            # Subnets from 10.1.0.0 upwards; one PublicIP per lease (a host routes only the oldest lease of a
+            # PublicIP), from PEERS_FIRST upwards.
             subnet = IPv4Network((int(network.network_address) + (256 + i) * 256, 24))
-            value = LeaseAttrs(public_ip=IPv4Address(f"10.99.0.{100 + i % 150}"), backend_type="host-gw").to_json()
+            value = LeaseAttrs(public_ip=PEERS_FIRST + i, backend_type="host-gw").to_json()
             async with gate:
                 claim = await registry.create_with_lease(f"{prefix}/subnets/{subnet.network_address}-24", value, 7200)
             if claim is None:
@@ -331,6 +334,11 @@ def daemon_start(bed: Testbed, prefix: str, backend: str, run_index: int, timeou
     config = {"Network": START_NETWORK, "SubnetLen": 24, "Backend": {"Type": backend}}
     bed.etcdctl("put", f"{prefix}/config", json.dumps(config))
     host = bed.topology.add_host(f"s{run_index}")
+    # The host's address as a /16: the preloaded PublicIPs are then on a directly connected network, as
+    # host-gw requires of its peers.
+    for verb, plen in (("del", 24), ("add", 16)):
+        subprocess.run(["ip", "-n", host.netns, "addr", verb, f"{host.address}/{plen}", "dev", host.iface],
+                       check=True, capture_output=True)
     subnet_file = bed.workdir / f"start-{run_index}.env"
     logfile = bed.workdir / f"start-{run_index}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLANNELD_")}
