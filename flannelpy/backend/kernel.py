@@ -4,8 +4,9 @@ The kernel carries the traffic; the backend keeps routes, neighbours and fdb ent
 lease set asks for. On the first apply() (the lease snapshot) and every `resync_interval` seconds it
 reads the kernel's entries back, diffs them against the desired state (flannelpy.backend.reconcile,
 pure) and fixes both ways: missing entries are added, entries of ours for vanished leases are removed.
-Later apply() calls program just the changed leases without reading the kernel (pyroute2 decodes a
-dump entry in ~0.25 ms, so a full read with 1000 peers costs a quarter of a second per table).
+Later apply() calls program just the changed leases without reading the kernel (a full read and diff
+with 10,000 peers takes ~0.4 s for host-gw and ~1 s for vxlan; flannelpy.backend.netlink decodes the
+dumps itself and sends changes in batches, each refusal reported with its entry).
 
 Until the first apply() (the daemon's initial lease snapshot) nothing is removed: a restarted daemon
 must not drop the routes of live peers before it knows who they are.
