@@ -31,7 +31,8 @@ from tests.reliability.observe import (
 TTL = 5
 TTLS_KEPT = 10
 HEALTHZ = 8474
-NETWORK = IPv4Network("10.10.0.0/16")
+NETWORK = IPv4Network("10.10.0.0/16")  # the leases the tests write lie in 10.10.200-218, above the first
+# 100 free subnets (10.10.1-100) where the hosts get theirs
 NOT_USABLE = "ignoring an entry under subnets/ that is not a usable lease"
 SAME_IP = "lease ignored: another lease has the same public IP"
 OWN_IP = "lease ignored: it announces this host's own public IP"
@@ -95,12 +96,12 @@ def hostgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, 
 def test_bad_entries_are_logged_once_ignored_and_never_routed(hostgw: tuple[Cluster, Start]) -> None:
     c, _ = hostgw
     bad = {
-        "10.10.77.0-24": "{not json at all",
-        "10.10.78.0-24": json.dumps({"PublicAddr": "10.99.0.78"}),  # wrong field name
+        "10.10.207.0-24": "{not json at all",
+        "10.10.208.0-24": json.dumps({"PublicAddr": "10.99.0.78"}),  # wrong field name
         "not-a-subnet": json.dumps({"PublicIP": "10.99.0.79"}),  # wrong key name
         "192.168.5.0-24": json.dumps({"PublicIP": "10.99.0.80"}),  # outside Network
-        "10.10.81.0-25": json.dumps({"PublicIP": "10.99.0.81"}),  # another prefix length
-        "10.10.82.0-24": json.dumps({"PublicIP": "10.99.0.82", "BackendType": ["host-gw"]}),  # bad type
+        "10.10.211.0-25": json.dumps({"PublicIP": "10.99.0.81"}),  # another prefix length
+        "10.10.212.0-24": json.dumps({"PublicIP": "10.99.0.82", "BackendType": ["host-gw"]}),  # bad type
     }
     marks = {h: log_length(c, h) for h in c.daemons}
     pids = {h: p.pid for h, p in c.daemons.items()}
@@ -111,7 +112,7 @@ def test_bad_entries_are_logged_once_ignored_and_never_routed(hostgw: tuple[Clus
     c.etcdctl("put", f"{c.etcd_prefix}/config", '{"Network": "10.10.0.0/33", "Backend": {"Type": 7}}')
     try:
         # A valid lease written after the bad ones is routed: the daemons kept processing the watch.
-        probe = IPv4Network("10.10.84.0/24")
+        probe = IPv4Network("10.10.214.0/24")
         c.etcdctl("put", lease_key(c, probe), json.dumps({"PublicIP": "10.99.0.84", "BackendType": "host-gw"}))
         for h in c.daemons:
             wait_until(lambda h=h: routes(c, h).get(probe) == "10.99.0.84", 30, f"{h} routing the probe lease")
@@ -136,7 +137,7 @@ def test_bad_entries_are_logged_once_ignored_and_never_routed(hostgw: tuple[Clus
         assert not errors, errors
     finally:
         c.etcdctl("put", f"{c.etcd_prefix}/config", good_config)
-        for key in [*bad, "10.10.84.0-24"]:
+        for key in [*bad, "10.10.214.0-24"]:
             c.etcdctl("del", f"{c.etcd_prefix}/subnets/{key}")
     for h in c.daemons:
         wait_until(lambda h=h: routes(c, h) == expected_routes(c, h), 30, f"{h} back to the real peers' routes")
@@ -153,8 +154,8 @@ def test_leases_sharing_a_public_ip_one_route_the_same_on_every_host(hostgw: tup
     and the newer when the older goes. Each passed-over lease is logged once per host, not again on a resync."""
     c, _ = hostgw
     h2 = c.host("h2")
-    impostor = IPv4Network("10.10.83.0/24")  # h2's PublicIP, created after h2's own lease
-    older, newer = IPv4Network("10.10.85.0/24"), IPv4Network("10.10.86.0/24")  # a host that is not running
+    impostor = IPv4Network("10.10.213.0/24")  # h2's PublicIP, created after h2's own lease
+    older, newer = IPv4Network("10.10.215.0/24"), IPv4Network("10.10.216.0/24")  # a host that is not running
     shared = "10.99.0.77"
     marks = {h: log_length(c, h) for h in c.daemons}
     pids = {h: p.pid for h, p in c.daemons.items()}
@@ -259,8 +260,8 @@ def test_udp_a_second_lease_with_a_hosts_public_ip_gets_no_route_anywhere(udp_cl
     host, packets for it are answered "network unreachable", and h2's real subnet keeps working."""
     c = udp_cluster
     h2 = c.host("h2")
-    impostor = IPv4Network("10.10.87.0/24")
-    probe = IPv4Network("10.10.88.0/24")
+    impostor = IPv4Network("10.10.217.0/24")
+    probe = IPv4Network("10.10.218.0/24")
     marks = {h: log_length(c, h) for h in c.daemons}
     routed = {h: metrics(c, h, HEALTHZ_PORT)["flannel_routes"] for h in c.daemons}
     put(c, impostor, str(h2.address), backend=None)
