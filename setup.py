@@ -2,6 +2,8 @@
 
 FLANNELPY_DEBUG=1 builds with asserts, line tracing and no -O3 (see docs/architecture.md);
 FLANNELPY_ASAN=1 adds AddressSanitizer for the fuzzing CI step.
+FLANNELPY_NO_EXT=1 builds no extension: scripts/setup.sh installs the project editable that way and then
+builds the extensions once, in place (an editable install would compile them a second time, elsewhere).
 """
 
 import os
@@ -32,13 +34,14 @@ extensions = [
         define_macros=macros,
     )
     for name in ("core", "io", "offload")
-    if os.path.exists(f"fastpath/{name}.pyx")
+    if os.path.exists(f"fastpath/{name}.pyx") and os.environ.get("FLANNELPY_NO_EXT") != "1"
 ]
 
 setup(
     ext_modules=cythonize(
         extensions,
         language_level="3",
+        nthreads=os.cpu_count() or 1,
         annotate=debug,
         compiler_directives={
             "boundscheck": debug,

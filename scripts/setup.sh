@@ -17,6 +17,6 @@ fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --upgrade pip setuptools wheel 'Cython==3.1.8'
-.venv/bin/pip install -q -e '.[test,bench]'
-# The editable install builds the extensions elsewhere; tests import fastpath from the tree.
-.venv/bin/python setup.py -q build_ext --inplace
+# The extensions are built once, in the tree, where the tests and the daemon import them from.
+FLANNELPY_NO_EXT=1 .venv/bin/pip install -q -e '.[test,bench]'
+.venv/bin/python setup.py -q build_ext --inplace --parallel 2
