@@ -116,7 +116,7 @@ class Node:
         self._backend_factory = backend_factory or create_backend
         self.config: NetworkConfig | None = None
         self.backend: Backend | None = None
-        self.lease: Lease | None = None
+        self._lease: Lease | None = None
         self.routes = RouteTable()
         self.subnet_file_written = False
         self.last_event_at: float | None = None
@@ -127,6 +127,18 @@ class Node:
         self._done: asyncio.Future[None] | None = None
 
     # ---- state for health checks, metrics and embedding programs ----
+
+    @property
+    def lease(self) -> Lease | None:
+        """Our lease: the one acquired at start, with the expiration of its latest renewal."""
+        own = self.manager.own_lease
+        if own is not None and self._lease is not None and own.subnet == self._lease.subnet:
+            return own
+        return self._lease
+
+    @lease.setter
+    def lease(self, lease: Lease | None) -> None:
+        self._lease = lease
 
     @property
     def ready(self) -> bool:

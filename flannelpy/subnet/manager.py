@@ -336,6 +336,11 @@ class SubnetManager:
         if self._revoked is not None:
             raise LeaseRevokedError(f"Lease has been revoked: {self._revoked}")
 
+    @property
+    def own_lease(self) -> Lease | None:
+        """Our lease as last acquired or renewed (its expiration moves with every renewal)."""
+        return self._own
+
     async def keep_lease(self, lease: Lease) -> NoReturn:
         """Renew the lease renew_margin before it expires, forever; raises LeaseRevokedError."""
         self._own = lease

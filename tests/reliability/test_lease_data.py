@@ -243,6 +243,8 @@ def test_a_running_daemon_keeps_its_lease_across_10_ttls(hostgw: tuple[Cluster, 
         assert renewals >= ttls, f"{h} renewed only {renewals} times in {ttls} TTLs"
         ttl_left = json.loads(c.etcdctl("lease", "timetolive", f"{start.leases[h][0]:x}", "-w", "json"))["ttl"]
         assert 0 < ttl_left <= TTL
+        # What the operator's dashboard shows follows the renewals (it once stayed at the first expiry: 0).
+        assert 0 < metrics(c, h, HEALTHZ)["flannel_lease_ttl_seconds"] <= TTL
     record_figure(f"lease kept across {ttls} TTLs of {TTL}s", ttls, "TTLs")
 
 
