@@ -4,6 +4,9 @@
 Each loop runs in its own thread started by the backend and holds the GIL only to start and to
 report how it ended. Per wake-up a loop moves at most `batch` packets (non-blocking TUN reads, one
 recvmmsg), then polls again together with the stop eventfd, so a stop request is never starved.
+After writing into the TUN, the decap loop also forwards what that write made the kernel answer at once
+(an echo reply, an ACK, new data after an ACK) if the encap loop is not busy: one thread wake-up less
+per round trip. A mutex keeps the TUN to one reader at a time, so packets leave in the order read.
 Buffers are sized from the TUN MTU. The verdicts come from fastpath.core (PacketCore.encap_c /
 decap_c); send and write failures are counted there too.
 
@@ -82,6 +85,15 @@ cdef extern from "<poll.h>" nogil:
         POLLERR
         POLLHUP
         POLLNVAL
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t* m, void* attr)
+    int pthread_mutex_destroy(pthread_mutex_t* m)
+    int pthread_mutex_lock(pthread_mutex_t* m)
+    int pthread_mutex_trylock(pthread_mutex_t* m)
+    int pthread_mutex_unlock(pthread_mutex_t* m)
 
 cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int initval, int flags)
@@ -341,10 +353,14 @@ cdef class Datapath:
     cdef readonly bint gro
     cdef readonly int gso_error  # errno that switched UDP GSO off while running, 0 if none
     cdef int stop_fd
+    cdef pthread_mutex_t encap_lock  # one TUN reader at a time, so packets leave in the order they were read
+    cdef Encap* live_encap  # the encap loop's state while it runs, for the decap loop's hand-off
 
     def __cinit__(self, PacketCore core not None, int tun_fd, int udp_fd, int port,
                   int batch=DEFAULT_BATCH, *, bint vnet_hdr=False, bint gso=False, bint gro=False):
         self.stop_fd = -1
+        pthread_mutex_init(&self.encap_lock, NULL)
+        self.live_encap = NULL
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch={batch} out of range 1..{MAX_BATCH}")
         if not 1 <= port <= 65535:
@@ -367,6 +383,7 @@ cdef class Datapath:
     def __dealloc__(self):
         if self.stop_fd >= 0:
             close(self.stop_fd)
+        pthread_mutex_destroy(&self.encap_lock)
 
     def stop(self):
         """Ask both loops to return; safe to call more than once and from any thread."""
@@ -392,8 +409,18 @@ cdef class Datapath:
                 encap_init(&e, self)
             if do_decap:
                 decap_init(&d, self)
+            if do_encap:
+                with nogil:
+                    pthread_mutex_lock(&self.encap_lock)
+                    self.live_encap = &e
+                    pthread_mutex_unlock(&self.encap_lock)
             self.loop(&e if do_encap else NULL, &d if do_decap else NULL)
         finally:
+            if do_encap:
+                with nogil:
+                    pthread_mutex_lock(&self.encap_lock)
+                    self.live_encap = NULL
+                    pthread_mutex_unlock(&self.encap_lock)
             encap_free(&e)
             decap_free(&d)
 
@@ -410,9 +437,18 @@ cdef class Datapath:
                     fail = 0 if r == 0 else (EBADF if r == -2 else errno)
                     break
                 if tun_ready:
+                    pthread_mutex_lock(&self.encap_lock)
                     fail = encap_batch(e, core)
+                    pthread_mutex_unlock(&self.encap_lock)
                 if sock_ready and not fail:
                     fail = decap_batch(d, core)
+                    # A TUN write runs the receiver's stack at once: an echo reply, a TCP ACK or new data
+                    # after an ACK may already wait in the TUN. Forward it from this thread rather than wake
+                    # the encap loop (one thread wake-up less per round trip); skip if that loop is busy.
+                    if not fail and d.wrote and pthread_mutex_trylock(&self.encap_lock) == 0:
+                        if self.live_encap != NULL:
+                            fail = encap_batch(self.live_encap, core)
+                        pthread_mutex_unlock(&self.encap_lock)
                 if e != NULL and e.s.gso_error and not gso_logged:
                     gso_logged = 1
                     with gil:
@@ -592,6 +628,7 @@ cdef struct Decap:
     unsigned char* ctrl
     fp_gro* run
     uint64_t* counts
+    int wrote               # the last batch wrote something into the TUN
     unsigned char zero_vnet[16]
 
 
@@ -649,6 +686,7 @@ cdef int decap_batch(Decap* d, PacketCore core) noexcept nogil:
             d.msgs[i].msg_hdr.msg_control = d.ctrl + i * CMSG_SZ
             d.msgs[i].msg_hdr.msg_controllen = CMSG_SZ
     # MSG_TRUNC: msg_len is the datagram's real length, so oversized ones are seen as such.
+    d.wrote = 0
     r = recvmmsg(d.sock, d.msgs, d.nslot, MSG_DONTWAIT | MSG_TRUNC, NULL)
     if r < 0:
         if errno == EAGAIN or errno == EINTR:
@@ -677,6 +715,7 @@ cdef int decap_batch(Decap* d, PacketCore core) noexcept nogil:
             p = buf + off
             v = core.decap_c(p, seglen, sender, &value)
             if v == V_DELIVER:
+                d.wrote = 1
                 if d.coalesce:
                     hl = fp_gro_candidate(p, value)
                     if hl == 0 or d.run.nseg == 0 or not fp_gro_append(d.run, p, value, hl):
