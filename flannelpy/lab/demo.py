@@ -109,7 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         render(console, cluster, pings, throughput_bps(result))
         if args.keep:
             console.print(f"Namespaces: ip netns list | grep {cluster.topology.prefix}; logs in {cluster.workdir}")
-            console.input("Press Enter to remove everything... ")
+            try:
+                console.input("Press Enter to remove everything... ")
+            except EOFError:
+                pass  # stdin closed (not a terminal): same as Enter
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         code = 130

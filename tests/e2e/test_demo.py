@@ -31,6 +31,9 @@ def test_demo_pings_every_pair_shows_iperf3_and_ctrl_c_removes_everything() -> N
     proc = subprocess.Popen(
         [sys.executable, "-m", "flannelpy", "demo", "--hosts", "2", "--iperf-seconds", "1", "--keep"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        # A runner that started us in the background may have SIGINT ignored, and Python keeps an ignored
+        # SIGINT ignored: give the demo the terminal's default, as a user's Ctrl-C would find it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stdout is not None
     lines = []
