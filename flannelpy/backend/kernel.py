@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
+from collections import Counter
 from ipaddress import IPv4Network
 
 import structlog
@@ -35,6 +36,9 @@ log = structlog.get_logger()
 
 # flanneld re-checks host-gw routes every 10 s (routeCheckInterval); we reconcile both backends as often.
 RESYNC_INTERVAL = 10.0
+# Unrouted leases logged one by one per batch; the rest as one summary line (a host-gw daemon started among
+# thousands of unreachable peers would otherwise log thousands of lines).
+UNROUTED_LOGGED = 10
 
 
 class KernelBackend(Backend, abc.ABC):
@@ -172,11 +176,8 @@ class KernelBackend(Backend, abc.ABC):
             await self._prepare()
             old, _, owner = await self._desired(before)
             new, skipped, _ = await self._desired(after)
-            for s in skipped:
-                if (s.subnet, s.reason) not in self._reported:
-                    self._reported.add((s.subnet, s.reason))
-                    log.warning("Lease not routed", backend=self.type, subnet=str(s.subnet), reason=s.reason,
-                                **s.detail)
+            self._log_unrouted([s for s in skipped if (s.subnet, s.reason) not in self._reported])
+            self._reported |= {(s.subnet, s.reason) for s in skipped}
             todo = delta(old, new, owner)
             failures = await execute_plan(self.nl, todo, exists_ok=True)
             self._count(todo, failures, stale=False)
@@ -188,12 +189,16 @@ class KernelBackend(Backend, abc.ABC):
 
     def _report(self, skipped: list[Skipped]) -> None:
         """Log each unrouted lease once while it stays unrouted for the same reason."""
-        now = {(s.subnet, s.reason) for s in skipped}
-        for s in skipped:
-            if (s.subnet, s.reason) not in self._reported:
-                log.warning("Lease not routed", backend=self.type, subnet=str(s.subnet), reason=s.reason,
-                            **s.detail)
-        self._reported = now
+        self._log_unrouted([s for s in skipped if (s.subnet, s.reason) not in self._reported])
+        self._reported = {(s.subnet, s.reason) for s in skipped}
+
+    def _log_unrouted(self, fresh: list[Skipped]) -> None:
+        for s in fresh[:UNROUTED_LOGGED]:
+            log.warning("Lease not routed", backend=self.type, subnet=str(s.subnet), reason=s.reason, **s.detail)
+        rest = fresh[UNROUTED_LOGGED:]
+        if rest:
+            log.warning("More leases not routed", backend=self.type, count=len(rest),
+                        reasons=dict(Counter(s.reason for s in rest)))
 
     # ---- shared checks ----
 

@@ -186,6 +186,23 @@ async def test_mismatched_backend_and_unreachable_peer_not_routed(lab: Topology,
     assert "directly connected" in far_report["reason"] and far_report["public_ip"] == "192.0.2.7"
 
 
+async def test_many_unreachable_peers_are_logged_ten_by_ten_then_summed_up(lab: Topology, nodes: Nodes) -> None:
+    n1 = await nodes.start(lab.hosts["h1"])
+    far = [Lease(IPv4Network(f"10.5.{100 + i}.0/24"), LeaseAttrs(IPv4Address(f"192.0.2.{1 + i}"),
+                                                                backend_type="host-gw"))
+           for i in range(25)]
+    with capture_logs() as logs:
+        await n1.backend.apply(far, [])
+        await n1.backend.reconcile()
+    table = routes(n1.ns)
+    assert not any(r.startswith(f"{lease.subnet} ") for lease in far for r in table)
+    one_by_one = [e for e in logs if e["event"] == "Lease not routed"]
+    summary = [e for e in logs if e["event"] == "More leases not routed"]
+    assert len(one_by_one) == 10 and all("directly connected" in e["reason"] for e in one_by_one)
+    assert len(summary) == 1 and summary[0]["count"] == 15
+    assert list(summary[0]["reasons"].values()) == [15]
+
+
 async def test_two_thousand_leases_are_all_routed_and_a_refused_one_is_named(lab: Topology, nodes: Nodes) -> None:
     """Routes go to the kernel in batches: every one arrives, and a refusal in the middle of a batch is
     reported for its own subnet without stopping the others."""
