@@ -417,47 +417,17 @@ class Netlink:
         """The main table's unicast IPv4 routes with a single next hop (multipath routes are never ours)."""
         return await self._batcher().dump()
 
-    @on_netlink_loop
-    async def add_route(self, route: Route) -> None:
-        """Create, never replace: a route to the same destination on another device is not ours to clobber
-        (the kernel answers EEXIST and the conflict is reported)."""
-        kwargs: dict[str, Any] = {
-            "dst": str(route.dst),
-            "oif": route.ifindex,
-            "table": RT_TABLE_MAIN,
-            "proto": RTPROT_BOOT,
-        }
-        if route.gateway is not None:
-            kwargs["gateway"] = str(route.gateway)
-        if route.onlink:
-            kwargs["flags"] = RTNH_F_ONLINK
-        if route.priority:
-            kwargs["priority"] = route.priority
-        await self.ipr.route("add", **kwargs)
-
-    @on_netlink_loop
-    async def delete_route(self, route: Route) -> None:
-        kwargs: dict[str, Any] = {"dst": str(route.dst), "oif": route.ifindex, "table": RT_TABLE_MAIN}
-        if route.gateway is not None:
-            kwargs["gateway"] = str(route.gateway)
-        if route.priority:
-            kwargs["priority"] = route.priority
-        try:
-            await self.ipr.route("del", **kwargs)
-        except NetlinkError as e:
-            if not is_gone(e):
-                raise
-
     # ---- in batches: the refused entries are returned, in order ----
 
     @on_netlink_loop
     async def add_routes(self, routes: Sequence[Route]) -> list[Refusal]:
-        """add_route for many routes (EEXIST is a refusal: the route is not replaced)."""
+        """Creates each route, never replacing one (EEXIST is a refusal: a route to that destination on
+        another device is not ours to clobber)."""
         return await self._exchange(routes, delete=False)
 
     @on_netlink_loop
     async def delete_routes(self, routes: Sequence[Route]) -> list[Refusal]:
-        """delete_route for many routes; a route already gone is no refusal."""
+        """Deletes each route; a route already gone is no refusal."""
         return await self._exchange(routes, delete=True)
 
     @on_netlink_loop
@@ -500,19 +470,6 @@ class Netlink:
             if index == ifindex and dst and len(dst) == 4 and mac
         ]
 
-    @on_netlink_loop
-    async def replace_neighbour(self, neigh: Neighbour) -> None:
-        await self.ipr.neigh("replace", ifindex=neigh.ifindex, dst=str(neigh.ip), lladdr=neigh.mac,
-                             state=NUD_PERMANENT, family=socket.AF_INET)
-
-    @on_netlink_loop
-    async def delete_neighbour(self, neigh: Neighbour) -> None:
-        try:
-            await self.ipr.neigh("del", ifindex=neigh.ifindex, dst=str(neigh.ip), family=socket.AF_INET)
-        except NetlinkError as e:
-            if not is_gone(e):
-                raise
-
     # ---- VXLAN forwarding database ----
 
     @on_netlink_loop
@@ -523,22 +480,6 @@ class Netlink:
             for index, state, dst, mac in await self._batcher().dump_neighbours(socket.AF_BRIDGE)
             if index == ifindex and dst and len(dst) == 4 and mac
         ]
-
-    @on_netlink_loop
-    async def replace_fdb(self, entry: FdbEntry) -> None:
-        # As flanneld: NeighSet(AF_BRIDGE, NTF_SELF, NUD_PERMANENT), so `bridge fdb` shows "self permanent".
-        await self.ipr.neigh("replace", family=socket.AF_BRIDGE, ifindex=entry.ifindex, lladdr=entry.mac,
-                             dst=str(entry.dst), state=NUD_PERMANENT, flags=NTF_SELF)
-
-    @on_netlink_loop
-    async def delete_fdb(self, entry: FdbEntry) -> None:
-        try:
-            await self.ipr.neigh("del", family=socket.AF_BRIDGE, ifindex=entry.ifindex, lladdr=entry.mac,
-                                 dst=str(entry.dst), state=NUD_PERMANENT, flags=NTF_SELF)
-        except NetlinkError as e:
-            if not is_gone(e):
-                raise
-
 
 def dump_request(seq: int) -> bytes:
     """RTM_GETROUTE with NLM_F_DUMP for IPv4: every route of every table (filtered on our side)."""

@@ -301,3 +301,11 @@ async def test_direct_routing_uses_public_ip_for_peers_on_the_same_network(lab: 
     assert "10.5.9.0/24 via 10.99.0.9 dev eth0" not in routes(n1.ns)
     await n1.backend.apply([], [n2.lease])
     assert "10.5.2.0/24 via 10.99.0.2 dev eth0" not in routes(n1.ns)
+
+    # teardown removes the direct routes too (they live on eth0, not on the removed device), and only ours.
+    await n1.backend.apply([n2.lease], [])
+    assert "10.5.2.0/24 via 10.99.0.2 dev eth0" in routes(n1.ns)
+    await n1.backend.teardown()
+    table = routes(n1.ns)
+    assert not any(r.startswith("10.5.") and "dev eth0" in r for r in table), table
+    assert "10.98.0.0/24 via 10.99.0.3 dev eth0" in table

@@ -97,9 +97,8 @@ class VxlanBackend(KernelBackend):
             # DirectRouting routes live on the external interface.
             if self.direct_routing:
                 owner = self._owner(0)
-                for r in await self.nl.routes():
-                    if owner.owns_route(r):
-                        await self.nl.delete_route(r)
+                for refusal in await self.nl.delete_routes([r for r in await self.nl.routes() if owner.owns_route(r)]):
+                    log.warning("Could not remove route", backend=self.type, refusal=str(refusal))
         await self.nl.close()
 
     # ---- device ----
