@@ -32,7 +32,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", default="", help="comma-separated data-path configurations or presets (default: "
                    "raw-veth,kernel-vxlan,flannelpy-host-gw,flannelpy-vxlan,flannelpy-udp-compiled,"
                    "flannelpy-udp-python,flannelpy-udp-batch1, plus flanneld-udp,flanneld-vxlan when FLANNELD_BIN "
-                   "is set); also flannelpy-udp-batch64, flannelpy-udp-tso, flannelpy-udp-tso-gso; presets: default, "
+                   "is set); also flannelpy-udp-2threads, flannelpy-udp-batch64, flannelpy-udp-tso, "
+                   "flannelpy-udp-tso-gso; presets: default, "
                    "udp-steps = the udp backend from 1 packet/syscall to every offload, with the two references")
     p.add_argument("--measurements", default="", help="data path: comma-separated subset of "
                    "tcp1,tcp4,udp64,udp1400,ping (default: all); the others show as not measured")

@@ -92,6 +92,9 @@ def default_configs() -> list[Config]:
                env=(("FLANNELPY_DATAPATH", "compiled"),)),
         Config("flannelpy-udp-python", "flannelpy udp (pure Python)", "daemon", tag="up", backend="udp",
                env=(("FLANNELPY_DATAPATH", "python"),)),
+        # Encapsulation and decapsulation in a thread each (the default where more than two CPUs are usable).
+        Config("flannelpy-udp-2threads", "flannelpy udp (compiled, 2 threads)", "daemon", tag="u2", backend="udp",
+               default=False, env=(("FLANNELPY_DATAPATH", "compiled"), ("FLANNELPY_UDP_THREADS", "2"))),
         # One packet per system call, as flanneld's C poll() loop moves them: the baseline of issue 6.
         Config("flannelpy-udp-batch1", "flannelpy udp (compiled, 1 packet/syscall)", "daemon", tag="u1",
                backend="udp", env=(("FLANNELPY_DATAPATH", "compiled"), ("FLANNELPY_BATCH", "1"),

@@ -1,12 +1,13 @@
 # cython: language_level=3
 """The udp backend's I/O loops: TUN -> UDP (encap) and UDP -> TUN (decap), in batches.
 
-Each loop runs in its own thread started by the backend and holds the GIL only to start and to
-report how it ended. Per wake-up a loop moves at most `batch` packets (non-blocking TUN reads, one
-recvmmsg), then polls again together with the stop eventfd, so a stop request is never starved.
-After writing into the TUN, the decap loop also forwards what that write made the kernel answer at once
-(an echo reply, an ACK, new data after an ACK) if the encap loop is not busy: one thread wake-up less
-per round trip. A mutex keeps the TUN to one reader at a time, so packets leave in the order read.
+The backend runs both directions in one thread (run()) or each in its own (run_encap(), run_decap());
+a loop holds the GIL only to start and to report how it ended. Per wake-up a loop moves at most `batch`
+packets (non-blocking TUN reads, one recvmmsg), then polls again together with the stop eventfd, so a
+stop request is never starved. After writing into the TUN, the decap side also forwards what that write
+made the kernel answer at once (an echo reply, an ACK, new data after an ACK) if the encap loop is not
+busy: one thread wake-up less per round trip. A mutex keeps the TUN to one reader at a time, so packets
+leave in the order read.
 Buffers are sized from the TUN MTU. The verdicts come from fastpath.core (PacketCore.encap_c /
 decap_c); send and write failures are counted there too.
 
@@ -334,7 +335,7 @@ cdef inline void gro_flush(fp_gro* run, int tun, uint64_t* counts) noexcept nogi
 
 @cython.final
 cdef class Datapath:
-    """The compiled data path of one node: call run_encap() and run_decap() in two threads.
+    """The compiled data path of one node: call run() in one thread, or run_encap() and run_decap() in two.
 
     tun_fd must be non-blocking; udp_fd is the bound UDP socket; port is the peers' UDP port.
     batch bounds the packets moved per wake-up (1 = one packet per system call).
@@ -390,6 +391,11 @@ cdef class Datapath:
         cdef uint64_t one = 1
         if self.stop_fd >= 0:
             write(self.stop_fd, &one, 8)
+
+    def run(self):
+        """Both directions in the calling thread until stop(). Raises OSError if the TUN or the socket
+        fails for good."""
+        self.run_loop(1, 1)
 
     def run_encap(self):
         """TUN -> UDP until stop(). Raises OSError if the TUN or the socket fails for good."""

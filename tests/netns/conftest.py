@@ -110,6 +110,7 @@ class Node:
 class Pair:
     prefix: str
     datapath: str
+    mode: str  # as given to build_pair
     hosts: list[str] = field(default_factory=list)  # host namespaces
     containers: list[str] = field(default_factory=list)  # container namespaces
     nodes: list[Node] = field(default_factory=list)
@@ -123,9 +124,12 @@ class Pair:
 
 def build_pair(prefix: str, datapath: str, stack: contextlib.ExitStack, mtu: int = 1500) -> Pair:
     """datapath: "compiled" (offloads as the backend defaults), "python", or "compiled-<FLANNELPY_OFFLOAD
-    value>" such as "compiled-0" (offloads off) or "compiled-tso,gso"."""
+    value>" such as "compiled-0" (offloads off) or "compiled-tso,gso"; "@1" or "@2" at the end sets the
+    data-path threads (default: the backend's choice for this machine)."""
+    mode = datapath
+    datapath, _, threads = datapath.partition("@")
     datapath, _, offload = datapath.partition("-")
-    pair = Pair(prefix, datapath)
+    pair = Pair(prefix, datapath, mode)
     for i in range(2):
         for ns in (f"{prefix}-h{i + 1}", f"{prefix}-c{i + 1}"):
             sh("ip", "netns", "add", ns)
@@ -152,7 +156,8 @@ def build_pair(prefix: str, datapath: str, stack: contextlib.ExitStack, mtu: int
         sh("ip", "-n", cont, "route", "add", "default", "via", gw)
     for i, host in enumerate(pair.hosts):
         node = Node(host, {"network": NETWORK, "subnet": pair.subnets[i], "iface": "eth0",
-                           "datapath": datapath, "offload": offload or None})
+                           "datapath": datapath, "offload": offload or None,
+                           "threads": int(threads) if threads else None})
         stack.callback(node.stop)
         pair.nodes.append(node)
     pair.nodes[0].apply(added=[pair.lease(1)])

@@ -2,8 +2,9 @@
 
 The hosts run real UdpBackends (flannel0 TUN, UDP :8285); "containers" sit behind them as with Docker's
 --bip. Everything is checked the way a user would: ping, socket errors, bytes received, counters.
-Each behaviour runs with the compiled data path's offloads on ("compiled", TSO/GSO/GRO) and off
-("compiled-0"); ping and the TCP transfer also with the Python data path.
+Each behaviour runs with the compiled data path's offloads on (TSO/GSO/GRO; both directions in one thread,
+"compiled@1", and one thread each, "compiled@2") and off ("compiled-0"); ping and the TCP transfer also
+with the Python data path.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def py(ns: str, code: str, *args: str, timeout: float = 60) -> subprocess.Comple
     return nsexec(ns, sys.executable, "-c", code, *args, check=False, timeout=timeout)
 
 
-MODES = ["compiled", "compiled-0"]
+# Offloads on with both directions in one thread and with one thread each; offloads off (threads as the
+# backend chooses for this machine).
+MODES = ["compiled@1", "compiled@2", "compiled-0"]
 
 
 def spawn_py(ns: str, code: str, *args: str) -> subprocess.Popen[str]:
@@ -51,6 +54,8 @@ def spawn_py(ns: str, code: str, *args: str) -> subprocess.Popen[str]:
 @pytest.mark.parametrize("udp_pair", [*MODES, "python"], indirect=True)
 def test_containers_ping_across_hosts(udp_pair: Pair) -> None:
     c1, c2 = udp_pair.containers
+    if "@" in udp_pair.mode:
+        assert udp_pair.nodes[0].ready["threads"] == int(udp_pair.mode.rpartition("@")[2])
     before = udp_pair.nodes[0].counters()
     assert ping(c1, udp_pair.container_ips[1]).returncode == 0
     assert ping(c2, udp_pair.container_ips[0], size=1444).returncode == 0  # fills the 1472 MTU

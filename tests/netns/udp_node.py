@@ -53,7 +53,7 @@ async def main(spec: dict[str, Any]) -> None:
     config = parse_config(json.dumps({"Network": spec["network"], **spec.get("config", {})}))
     iface = await asyncio.to_thread(external_iface, spec["iface"])
     backend = UdpBackend(config, iface, datapath=spec.get("datapath"), tun_name=spec.get("tun", "flannel0"),
-                         offload=spec.get("offload"))
+                         offload=spec.get("offload"), threads=spec.get("threads"))
     own = Lease(IPv4Network(spec["subnet"]), await backend.lease_attrs())
     try:
         await backend.start(own)
@@ -61,7 +61,7 @@ async def main(spec: dict[str, Any]) -> None:
         say({"error": str(e)})
         return
     say({"ready": True, "mtu": backend.mtu, "public_ip": str(iface.public_ip),
-         "offloads": backend.offloads.describe(),
+         "offloads": backend.offloads.describe(), "threads": backend.threads,
          "lease": json.loads(own.attrs.to_json())})
     runner = asyncio.create_task(backend.run())
     loop = asyncio.get_running_loop()

@@ -21,11 +21,14 @@ from flannelpy.backend.udp.fake import FakeNode, free_port
 from tests.unit.test_packet_core import csum, header_valid, ipv4
 
 NET = IPv4Network("10.10.0.0/16")
-KINDS = ["compiled", "offload", "python"]
+# "/1": both directions in one thread (run()), else one thread each (run_encap(), run_decap()).
+KINDS = ["compiled", "offload", "python", "compiled/1", "offload/1", "python/1"]
 
 
 def fake(kind: str, subnet: str, public_ip: str, port: int, **kwargs: Any) -> FakeNode:
     """A FakeNode of a test kind: "offload" is the compiled data path with offloads on."""
+    kind, _, threads = kind.partition("/")
+    kwargs["threads"] = int(threads or 2)
     if kind == "offload":
         return FakeNode("compiled", NET, 24, IPv4Network(subnet), public_ip, port, offload=True, **kwargs)
     return FakeNode(kind, NET, 24, IPv4Network(subnet), public_ip, port, offload=False, **kwargs)

@@ -101,6 +101,21 @@ def test_batch_by_argument_or_environment(monkeypatch: pytest.MonkeyPatch) -> No
         backend(batch=5000)
 
 
+def test_threads_follow_the_cpus_unless_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLANNELPY_UDP_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert backend().threads == 1  # a two-core host: one thread carries both directions
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert backend().threads == 2
+    assert backend(threads=1).threads == 1
+    monkeypatch.setenv("FLANNELPY_UDP_THREADS", "1")
+    assert backend().threads == 1
+    assert backend(threads=2).threads == 2  # the argument wins
+    monkeypatch.setenv("FLANNELPY_UDP_THREADS", "4")
+    with pytest.raises(ValueError, match=r"FLANNELPY_UDP_THREADS='4'.*1 .*2 .*auto"):
+        backend()
+
+
 def test_offloads_are_on_by_default_and_off_in_the_one_packet_per_syscall_mode(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FLANNELPY_OFFLOAD", raising=False)

@@ -31,15 +31,16 @@ def tso_vnet(gso_size: int = MSS) -> bytes:
     return offload.vnet_header(offload.F_NEEDS_CSUM, offload.GSO_TCPV4, 128, gso_size, 20, 16)
 
 
-def node(subnet: str, public_ip: str, port: int) -> FakeNode:
-    return FakeNode("compiled", NET, 24, IPv4Network(subnet), public_ip, port, mtu=MTU, offload=True)
+def node(subnet: str, public_ip: str, port: int, threads: int = 2) -> FakeNode:
+    return FakeNode("compiled", NET, 24, IPv4Network(subnet), public_ip, port, mtu=MTU, offload=True,
+                    threads=threads)
 
 
-@pytest.fixture
-def pair() -> Iterator[tuple[FakeNode, FakeNode]]:
+@pytest.fixture(params=[2, 1], ids=["2threads", "1thread"])
+def pair(request: pytest.FixtureRequest) -> Iterator[tuple[FakeNode, FakeNode]]:
     port = free_port("127.0.0.2", "127.0.0.3")
-    a = node("10.10.1.0/24", "127.0.0.2", port)
-    b = node("10.10.2.0/24", "127.0.0.3", port)
+    a = node("10.10.1.0/24", "127.0.0.2", port, request.param)
+    b = node("10.10.2.0/24", "127.0.0.3", port, request.param)
     a.route(b)
     b.route(a)
     try:

@@ -1,6 +1,6 @@
 """flanneld's udp backend: flannel0 (TUN) <-> UDP :8285, with the packet path in fastpath/.
 
-The control plane (this module, on the event loop) and the data path (two threads running the
+The control plane (this module, on the event loop) and the data path (one or two threads running the
 compiled loops without the GIL) meet in one place: the RouteTable. apply() writes single slots in
 it while the loops run; nothing is stopped or restarted for a route change.
 
@@ -11,8 +11,9 @@ ENETUNREACH; a connected UDP socket sees it when IP_RECVERR is set (as glibc's r
 
 FLANNELPY_DATAPATH=compiled|python and FLANNELPY_BATCH=1..1024 (packets per wake-up) select the data
 path, for benchmarks; FLANNELPY_OFFLOAD=1|0|tso,gso,gro the kernel offloads of the compiled one (see
-offload.py: on by default, off with batch 1). The constructor's datapath=, batch= and offload= take
-precedence.
+offload.py: on by default, off with batch 1); FLANNELPY_UDP_THREADS=1|2|auto whether one thread carries both
+directions or each has its own (auto: one on hosts with at most two CPUs). The constructor's datapath=,
+batch=, offload= and threads= take precedence.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from typing import Any
 import structlog
 
 from flannelpy.backend.base import Backend, ExternalInterface
-from flannelpy.backend.udp.datapath import Datapath, choose_batch, choose_datapath, core_module, make_datapath
+from flannelpy.backend.udp.datapath import (
+    Datapath,
+    choose_batch,
+    choose_datapath,
+    choose_threads,
+    core_module,
+    make_datapath,
+)
 from flannelpy.backend.udp.device import TunDevice
 from flannelpy.backend.udp.offload import Offloads, choose_offloads, enable_udp_gro, enable_udp_gso
 from flannelpy.config import NetworkConfig
@@ -49,7 +57,8 @@ class UdpBackend(Backend):
     type = "udp"
 
     def __init__(self, config: NetworkConfig, iface: ExternalInterface, *, datapath: str | None = None,
-                 tun_name: str = "flannel0", batch: int | None = None, offload: bool | str | None = None) -> None:
+                 tun_name: str = "flannel0", batch: int | None = None, offload: bool | str | None = None,
+                 threads: int | None = None) -> None:
         super().__init__(config, iface)
         if config.network is None:
             raise ConfigError("the udp backend needs an IPv4 Network in the config (EnableIPv4 with Network)")
@@ -57,6 +66,7 @@ class UdpBackend(Backend):
         self.datapath_kind = choose_datapath(datapath)
         self.tun_name = tun_name
         self.batch = choose_batch(batch)
+        self.threads = choose_threads(threads)
         self.offloads_wanted = choose_offloads(offload, self.batch, self.datapath_kind)
         self.offloads = Offloads()  # what the kernel granted, known after start()
         self.port = config.backend.port
@@ -98,7 +108,9 @@ class UdpBackend(Backend):
             self.datapath = make_datapath(self.datapath_kind, self.core, self.tun.fd, self.sock.fileno(),
                                           self.port, self.batch, vnet_hdr=self.tun.vnet_hdr,
                                           gso=self.offloads.gso, gro=self.offloads.gro)
-            for name, target in (("encap", self.datapath.run_encap), ("decap", self.datapath.run_decap)):
+            loops = ((("data", self.datapath.run),) if self.threads == 1 else
+                     (("encap", self.datapath.run_encap), ("decap", self.datapath.run_decap)))
+            for name, target in loops:
                 t = threading.Thread(target=self._run_loop, args=(name, target), name=f"flannelpy-{name}",
                                      daemon=True)
                 t.start()
@@ -108,7 +120,7 @@ class UdpBackend(Backend):
             raise
         log.info("udp backend started", device=self.tun.name, subnet=str(lease.subnet), mtu=self.mtu,
                  listen=f"{self.iface.ip}:{self.port}", datapath=self.datapath_kind, batch=self.batch,
-                 offloads=self.offloads.describe())
+                 offloads=self.offloads.describe(), threads=self.threads)
 
     def _bind(self) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

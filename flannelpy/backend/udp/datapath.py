@@ -1,7 +1,8 @@
 """The udp backend's data path: the compiled loops (fastpath.io) or a pure-Python reference.
 
-Both expose the same object: run_encap() and run_decap() (each blocks in its own thread until stop()),
-stop(), and the PacketCore whose counters the backend reports. The Python one is slow on purpose:
+Both expose the same object: run() (both directions in one thread) or run_encap() and run_decap() (one
+thread each), every one blocking until stop(); stop(); and the PacketCore whose counters the backend
+reports. The Python one is slow on purpose:
 it is the reference the benchmark harness compares against, and it works without a C compiler.
 """
 
@@ -22,6 +23,7 @@ DEFAULT_BATCH = 64
 class Datapath(Protocol):
     batch: int
 
+    def run(self) -> None: ...
     def run_encap(self) -> None: ...
     def run_decap(self) -> None: ...
     def stop(self) -> None: ...
@@ -45,6 +47,20 @@ def choose_batch(batch: int | None) -> int:
     if not 1 <= value <= 1024:
         raise ValueError(f"batch={value} out of range: use 1..1024 (FLANNELPY_BATCH)")
     return value
+
+
+def choose_threads(threads: int | None) -> int:
+    """Data-path threads: the argument, else FLANNELPY_UDP_THREADS, else 1 when this process may run on at
+    most two CPUs and 2 otherwise. One thread does both directions (fewer wake-ups, less CPU per GB: the
+    better choice where the daemon shares two cores with the containers, see docs/benchmarks.md); two let
+    encapsulation and decapsulation run on different cores."""
+    raw = str(threads if threads is not None else os.environ.get("FLANNELPY_UDP_THREADS") or "auto").strip().lower()
+    if raw == "auto":
+        return 1 if len(os.sched_getaffinity(0)) <= 2 else 2
+    if raw not in ("1", "2"):
+        raise ValueError(f"FLANNELPY_UDP_THREADS={raw!r}: use 1 (both directions in one thread), 2 (one "
+                         "thread each) or auto")
+    return int(raw)
 
 
 def core_module(kind: str) -> Any:
@@ -89,6 +105,9 @@ class PythonDatapath:
         self.batch = batch
         self.bufsize = ((core.mtu + 1 + 63) // 64) * 64
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._ebuf = bytearray(self.bufsize)  # one buffer per direction: run() may drive both in one thread
+        self._dbuf = bytearray(self.bufsize)
+        self._reply = bytearray(packet.ICMP_REPLY_MAX)
 
     def stop(self) -> None:
         try:
@@ -101,63 +120,80 @@ class PythonDatapath:
         for fd in (self._stop_r, self._stop_w):
             os.close(fd)
 
-    def _wait(self, fd: int) -> bool:
-        """True when fd is readable, False when stop was requested."""
+    def _wait(self, *fds: int) -> set[int]:
+        """The readable ones of fds (at least one), or an empty set when stop was requested."""
         poller = select.poll()
         poller.register(self._stop_r, select.POLLIN)
-        poller.register(fd, select.POLLIN)
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
         while True:
             events = dict(poller.poll())
             if self._stop_r in events:
-                return False
-            if events.get(fd, 0) & select.POLLNVAL:
+                return set()
+            if any(events.get(fd, 0) & select.POLLNVAL for fd in fds):
                 raise OSError(errno.EBADF, "fd closed under the data path")
-            if fd in events:
-                return True
+            ready = {fd for fd in fds if fd in events}
+            if ready:
+                return ready
+
+    def run(self) -> None:
+        tun, sock = self.tun_fd, self.sock.fileno()
+        while ready := self._wait(tun, sock):
+            if tun in ready:
+                self._encap_batch()
+            if sock in ready:
+                self._decap_batch()
 
     def run_encap(self) -> None:
-        core, tun, sock, port = self.core, self.tun_fd, self.sock, self.port
-        buf = bytearray(self.bufsize)
-        reply = bytearray(packet.ICMP_REPLY_MAX)
-        while self._wait(tun):
-            for _ in range(self.batch):
-                try:
-                    data = os.read(tun, self.bufsize)
-                except BlockingIOError:
-                    break
-                if not data:
-                    raise OSError(errno.EPIPE, "encap loop stopped: end of file on the TUN")
-                n = len(data)
-                buf[:n] = data
-                view = memoryview(buf)[:n]
-                verdict, value = core.encap(view, reply)
-                if verdict == packet.FORWARD:
-                    try:
-                        sock.sendto(view, (str_ip(value), port))
-                    except OSError:
-                        core.count(packet.ENCAP_DROP_SEND_ERROR)
-                elif verdict == packet.ICMP:
-                    try:
-                        os.write(tun, reply[:value])
-                    except OSError:
-                        core.count(packet.ICMP_WRITE_ERROR)
+        while self._wait(self.tun_fd):
+            self._encap_batch()
 
     def run_decap(self) -> None:
-        core, tun, sock = self.core, self.tun_fd, self.sock
-        buf = bytearray(self.bufsize)
-        flags = socket.MSG_DONTWAIT | socket.MSG_TRUNC
-        while self._wait(sock.fileno()):
-            for _ in range(self.batch):
+        while self._wait(self.sock.fileno()):
+            self._decap_batch()
+
+    def _encap_batch(self) -> None:
+        """Up to `batch` packets from the TUN."""
+        core, tun, sock, port = self.core, self.tun_fd, self.sock, self.port
+        buf, reply = self._ebuf, self._reply
+        for _ in range(self.batch):
+            try:
+                data = os.read(tun, self.bufsize)
+            except BlockingIOError:
+                break
+            if not data:
+                raise OSError(errno.EPIPE, "encap loop stopped: end of file on the TUN")
+            n = len(data)
+            buf[:n] = data
+            view = memoryview(buf)[:n]
+            verdict, value = core.encap(view, reply)
+            if verdict == packet.FORWARD:
                 try:
-                    n, addr = sock.recvfrom_into(buf, self.bufsize, flags)
-                except (BlockingIOError, InterruptedError):
-                    break
-                verdict, value = core.decap(buf, _int_ip(addr[0]), n)
-                if verdict == packet.DELIVER:
-                    try:
-                        os.write(tun, memoryview(buf)[:value])
-                    except OSError:
-                        core.count(packet.DECAP_DROP_WRITE_ERROR)
+                    sock.sendto(view, (str_ip(value), port))
+                except OSError:
+                    core.count(packet.ENCAP_DROP_SEND_ERROR)
+            elif verdict == packet.ICMP:
+                try:
+                    os.write(tun, reply[:value])
+                except OSError:
+                    core.count(packet.ICMP_WRITE_ERROR)
+
+    def _decap_batch(self) -> None:
+        """Up to `batch` datagrams from the socket."""
+        core, tun, sock = self.core, self.tun_fd, self.sock
+        buf = self._dbuf
+        flags = socket.MSG_DONTWAIT | socket.MSG_TRUNC
+        for _ in range(self.batch):
+            try:
+                n, addr = sock.recvfrom_into(buf, self.bufsize, flags)
+            except (BlockingIOError, InterruptedError):
+                break
+            verdict, value = core.decap(buf, _int_ip(addr[0]), n)
+            if verdict == packet.DELIVER:
+                try:
+                    os.write(tun, memoryview(buf)[:value])
+                except OSError:
+                    core.count(packet.DECAP_DROP_WRITE_ERROR)
 
 
 def str_ip(value: int) -> str:

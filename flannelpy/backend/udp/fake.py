@@ -74,7 +74,7 @@ class FakeNode:
 
     def __init__(self, kind: str, network: IPv4Network, subnet_len: int, subnet: IPv4Network,
                  public_ip: str, port: int, mtu: int = 1472, batch: int = DEFAULT_BATCH,
-                 offload: bool | str = False) -> None:
+                 offload: bool | str = False, threads: int = 2) -> None:
         mod = core_module(kind)
         self.kind = kind
         self.subnet = subnet
@@ -92,8 +92,8 @@ class FakeNode:
                                                 vnet_hdr=wanted.vnet_hdr, gso=self.offloads.gso,
                                                 gro=self.offloads.gro)
         self.errors: list[BaseException] = []
-        self.threads = [threading.Thread(target=self._run, args=(f,), daemon=True)
-                        for f in (self.datapath.run_encap, self.datapath.run_decap)]
+        loops = (self.datapath.run,) if threads == 1 else (self.datapath.run_encap, self.datapath.run_decap)
+        self.threads = [threading.Thread(target=self._run, args=(f,), daemon=True) for f in loops]
         for t in self.threads:
             t.start()
 
