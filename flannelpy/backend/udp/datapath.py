@@ -2,8 +2,8 @@
 
 Both expose the same object: run() (both directions in one thread) or run_encap() and run_decap() (one
 thread each), every one blocking until stop(); stop(); and the PacketCore whose counters the backend
-reports. The Python one is slow on purpose:
-it is the reference the benchmark harness compares against, and it works without a C compiler.
+reports. The Python one is slow on purpose: it is the reference the benchmark harness compares against,
+and it works without a C compiler.
 """
 
 from __future__ import annotations
