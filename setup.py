@@ -28,7 +28,7 @@ extensions = [
         f"fastpath.{name}",
         [f"fastpath/{name}.pyx"],
         include_dirs=["fastpath"],
-        depends=["fastpath/offload.h", "fastpath/offload.pxd"],
+        depends=["fastpath/offload.h", "fastpath/offload.pxd", "fastpath/sockets.pxd"],
         extra_compile_args=cflags,
         extra_link_args=ldflags,
         define_macros=macros,

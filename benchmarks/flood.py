@@ -25,7 +25,7 @@ RCVBUF = 8 << 20  # room for bursts, so the sink's own socket is rarely where pa
 
 def load() -> ModuleType:
     """benchmarks/udpflood.pyx, compiled on first use (cached, see benchmarks/pyxcache.py)."""
-    return pyxcache.load("udpflood")
+    return pyxcache.load("udpflood", depends=[pyxcache.HERE.parent / "fastpath" / "sockets.pxd"])
 
 
 def _sink(args: argparse.Namespace) -> dict[str, object]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
@@ -35,7 +36,14 @@ def load(name: str, depends: Iterable[Path] = ()) -> ModuleType:
     # pyximport keeps the first build_dir it was installed with, so install, import and uninstall each time.
     importers = pyximport.install(build_dir=str(cache_dir() / f"{name}-{digest.hexdigest()[:12]}"),
                                   language_level=3, inplace=False)
+    # Cython looks for cimported .pxd files (fastpath/sockets.pxd) along sys.path: make sure the tree is on it.
+    root = str(HERE.parent)
+    added = root not in sys.path
+    if added:
+        sys.path.append(root)
     try:
         return importlib.import_module(f"benchmarks.{name}")
     finally:
         pyximport.uninstall(*importers)
+        if added:
+            sys.path.remove(root)

@@ -14,25 +14,7 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.uio cimport iovec
 
 
-cdef extern from "<sys/socket.h>" nogil:
-    ctypedef unsigned int socklen_t
-
-    struct msghdr:
-        void* msg_name
-        socklen_t msg_namelen
-        iovec* msg_iov
-        size_t msg_iovlen
-        void* msg_control
-        size_t msg_controllen
-        int msg_flags
-
-    struct mmsghdr:
-        msghdr msg_hdr
-        unsigned int msg_len
-
-    int sendmmsg(int fd, mmsghdr* msgs, unsigned int n, int flags)
-    int recvmmsg(int fd, mmsghdr* msgs, unsigned int n, int flags, timespec* timeout)
-    int MSG_WAITFORONE
+from fastpath.sockets cimport MSG_WAITFORONE, mmsghdr, recvmmsg, sendmmsg
 
 
 cdef inline double _now() noexcept nogil:

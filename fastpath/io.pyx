@@ -113,34 +113,21 @@ cdef extern from "<netinet/in.h>" nogil:
     uint32_t ntohl(uint32_t)
     unsigned short htons(unsigned short)
 
-cdef extern from "<sys/socket.h>" nogil:
-    ctypedef unsigned int socklen_t
-    struct msghdr:
-        void* msg_name
-        socklen_t msg_namelen
-        iovec* msg_iov
-        size_t msg_iovlen
-        void* msg_control
-        size_t msg_controllen
-        int msg_flags
-    struct mmsghdr:
-        msghdr msg_hdr
-        unsigned int msg_len
-    struct cmsghdr:
-        size_t cmsg_len
-        int cmsg_level
-        int cmsg_type
-    cmsghdr* CMSG_FIRSTHDR(msghdr* m)
-    cmsghdr* CMSG_NXTHDR(msghdr* m, cmsghdr* c)
-    unsigned char* CMSG_DATA(cmsghdr* c)
-    size_t CMSG_SPACE(size_t n)
-    size_t CMSG_LEN(size_t n)
-    int sendmmsg(int fd, mmsghdr* msgvec, unsigned int vlen, int flags)
-    int recvmmsg(int fd, mmsghdr* msgvec, unsigned int vlen, int flags, void* timeout)
-    enum:
-        AF_INET
-        MSG_DONTWAIT
-        MSG_TRUNC
+from fastpath.sockets cimport (
+    AF_INET,
+    CMSG_DATA,
+    CMSG_FIRSTHDR,
+    CMSG_LEN,
+    CMSG_NXTHDR,
+    CMSG_SPACE,
+    MSG_DONTWAIT,
+    MSG_TRUNC,
+    cmsghdr,
+    mmsghdr,
+    msghdr,
+    recvmmsg,
+    sendmmsg,
+)
 
 DEFAULT_BATCH = 64
 MAX_BATCH = 1024
