@@ -3,16 +3,7 @@ hosts' namespaces with the leases fed by hand (as the daemon's lease watch would
 of the kernel (`ip -j`, ping).
 
 A test file keeps only what is its own: the backend class and config, the container MTU, and the entries it
-expects. Its fixtures are two lines each:
-
-    @pytest.fixture
-    def lab() -> Iterator[Topology]:
-        yield from three_hosts(container_mtu=1450)
-
-    @pytest.fixture
-    async def nodes() -> AsyncIterator[Nodes]:
-        async with Nodes(VxlanBackend, cfg()) as started:
-            yield started
+expects; its fixtures are two lines each, `lab` from three_hosts() and `nodes` from Nodes (see test_vxlan.py).
 
 Namespaces and links come from flannelpy.lab.topology (per-run unique names, removed even when a test
 fails); every backend started here is stopped (run() task cancelled, netlink sockets closed) at the end.
