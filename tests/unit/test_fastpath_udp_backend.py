@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 
 import pytest
 
 from flannelpy.backend.base import ExternalInterface, create_backend
 from flannelpy.backend.udp import UdpBackend
+from flannelpy.backend.udp.datapath import cgroup_cpu_limit
 from flannelpy.config import parse_config
 from flannelpy.subnet.lease import Lease, LeaseAttrs
 
@@ -103,6 +105,7 @@ def test_batch_by_argument_or_environment(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_threads_follow_the_cpus_unless_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FLANNELPY_UDP_THREADS", raising=False)
+    monkeypatch.setattr("flannelpy.backend.udp.datapath.cgroup_cpu_limit", lambda: None)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
     assert backend().threads == 1  # a two-core host: one thread carries both directions
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
@@ -114,6 +117,45 @@ def test_threads_follow_the_cpus_unless_chosen(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("FLANNELPY_UDP_THREADS", "4")
     with pytest.raises(ValueError, match=r"FLANNELPY_UDP_THREADS='4'.*1 .*2 .*auto"):
         backend()
+
+
+def test_a_cgroup_cpu_quota_counts_like_fewer_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A DaemonSet pod with an 8-CPU affinity and a limit of one CPU: one thread.
+    monkeypatch.delenv("FLANNELPY_UDP_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr("flannelpy.backend.udp.datapath.cgroup_cpu_limit", lambda: 1.0)
+    assert backend().threads == 1
+    monkeypatch.setattr("flannelpy.backend.udp.datapath.cgroup_cpu_limit", lambda: 2.5)
+    assert backend().threads == 2
+
+
+def cgroup_tree(tmp_path: Path, self_cgroup: str, files: dict[str, str]) -> tuple[Path, Path]:
+    root = tmp_path / "cgroup"
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    proc = tmp_path / "self-cgroup"
+    proc.write_text(self_cgroup)
+    return root, proc
+
+
+@pytest.mark.parametrize(("self_cgroup", "files", "want"), [
+    # cgroup v2, the process's own group and, inside a container, the mount root
+    ("0::/kubepods/pod1\n", {"kubepods/pod1/cpu.max": "150000 100000\n"}, 1.5),
+    ("0::/kubepods/pod1\n", {"cpu.max": "50000 100000\n"}, 0.5),
+    ("0::/\n", {"cpu.max": "max 100000\n"}, None),
+    # cgroup v1 (cpu,cpuacct or cpu), next to a v2 line without the cpu controller
+    ("4:cpu,cpuacct:/docker/abc\n0::/\n", {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "300000\n",
+                                          "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"}, 3.0),
+    ("1:cpu:/\n0::/\n", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    # nothing readable, garbage: no limit known
+    ("0::/\n", {}, None),
+    ("0::/\n", {"cpu.max": "lots\n"}, None),
+])
+def test_cgroup_cpu_limit_reads_v1_and_v2(tmp_path: Path, self_cgroup: str, files: dict[str, str],
+                                          want: float | None) -> None:
+    root, proc = cgroup_tree(tmp_path, self_cgroup, files)
+    assert cgroup_cpu_limit(root, proc) == want
 
 
 def test_offloads_are_on_by_default_and_off_in_the_one_packet_per_syscall_mode(

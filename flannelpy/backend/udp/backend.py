@@ -12,8 +12,8 @@ ENETUNREACH; a connected UDP socket sees it when IP_RECVERR is set (as glibc's r
 FLANNELPY_DATAPATH=compiled|python and FLANNELPY_BATCH=1..1024 (packets per wake-up) select the data
 path, for benchmarks; FLANNELPY_OFFLOAD=1|0|tso,gso,gro the kernel offloads of the compiled one (see
 offload.py: on by default, off with batch 1); FLANNELPY_UDP_THREADS=1|2|auto whether one thread carries both
-directions or each has its own (auto: one on hosts with at most two CPUs). The constructor's datapath=,
-batch=, offload= and threads= take precedence.
+directions or each has its own (auto: one where at most two CPUs are usable, by affinity or cgroup quota).
+The constructor's datapath=, batch=, offload= and threads= take precedence.
 """
 
 from __future__ import annotations

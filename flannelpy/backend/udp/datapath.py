@@ -12,6 +12,7 @@ import errno
 import os
 import select
 import socket
+from pathlib import Path
 from typing import Any, Protocol
 
 from flannelpy import packet
@@ -49,14 +50,48 @@ def choose_batch(batch: int | None) -> int:
     return value
 
 
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup"),
+                     self_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
+    """The CPUs' worth of time this process's cgroup allows (cgroup v2 cpu.max, v1 cpu.cfs_quota_us), or None
+    when unlimited or unknown. A container sees its own cgroup at the mount root, hence the fallback to it."""
+    try:
+        lines = self_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        controllers, rel = parts[1], parts[2].lstrip("/")
+        try:
+            if controllers == "":  # cgroup v2
+                for d in (root / rel, root):
+                    if (d / "cpu.max").is_file():
+                        quota, period = (d / "cpu.max").read_text().split()[:2]
+                        return None if quota == "max" else int(quota) / int(period)
+            elif "cpu" in controllers.split(","):
+                for d in (root / controllers / rel, root / controllers, root / "cpu" / rel, root / "cpu"):
+                    if (d / "cpu.cfs_quota_us").is_file():
+                        quota_us = int((d / "cpu.cfs_quota_us").read_text())
+                        period_us = int((d / "cpu.cfs_period_us").read_text())
+                        return None if quota_us <= 0 else quota_us / period_us
+        except (OSError, ValueError, ZeroDivisionError):
+            return None
+    return None
+
+
 def choose_threads(threads: int | None) -> int:
-    """Data-path threads: the argument, else FLANNELPY_UDP_THREADS, else 1 when this process may run on at
-    most two CPUs and 2 otherwise. One thread does both directions (fewer wake-ups, less CPU per GB: the
-    better choice where the daemon shares two cores with the containers, see docs/benchmarks.md); two let
-    encapsulation and decapsulation run on different cores."""
+    """Data-path threads: the argument, else FLANNELPY_UDP_THREADS, else 1 when this process may use at most
+    two CPUs (its CPU affinity, and its cgroup's CPU quota) and 2 otherwise. One thread does both directions
+    (fewer wake-ups, less CPU per GB: the better choice where the daemon shares two cores with the containers,
+    see docs/benchmarks.md); two let encapsulation and decapsulation run on different cores."""
     raw = str(threads if threads is not None else os.environ.get("FLANNELPY_UDP_THREADS") or "auto").strip().lower()
     if raw == "auto":
-        return 1 if len(os.sched_getaffinity(0)) <= 2 else 2
+        cpus = float(len(os.sched_getaffinity(0)))
+        limit = cgroup_cpu_limit()
+        if limit is not None:
+            cpus = min(cpus, limit)
+        return 1 if cpus <= 2 else 2
     if raw not in ("1", "2"):
         raise ValueError(f"FLANNELPY_UDP_THREADS={raw!r}: use 1 (both directions in one thread), 2 (one "
                          "thread each) or auto")
