@@ -31,6 +31,7 @@ def test_flannel0_is_configured_like_flanneld(udp_pair: Pair) -> None:
     assert link["linkinfo"]["info_kind"] == "tun"
     assert link["linkinfo"]["info_data"]["type"] == "tun" and link["linkinfo"]["info_data"]["pi"] is False
     assert "UP" in link["flags"]
+    assert link["qdisc"] == "noqueue"  # unlike flanneld's: like the kernel's own tunnels, no queue to lock
     addrs = [(a["local"], a["prefixlen"]) for a in ipj(h1, "-4", "addr", "show", "flannel0")[0]["addr_info"]]
     assert addrs == [("10.10.1.0", 32)]
     routes = {r["dst"] for r in ipj(h1, "route", "show", "dev", "flannel0")}
