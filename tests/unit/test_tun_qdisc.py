@@ -22,8 +22,9 @@ class _Qdisc(dict[str, Any]):
 
 
 class _IPRoute:
-    def __init__(self, refuse: int | None) -> None:
+    def __init__(self, refuse: int | None, dump_fails: bool = False) -> None:
         self.refuse = refuse
+        self.dump_fails = dump_fails
         self.calls: list[tuple[Any, ...]] = []
 
     def tc(self, *args: Any) -> None:
@@ -32,6 +33,8 @@ class _IPRoute:
             raise NetlinkError(self.refuse)
 
     def get_qdiscs(self, index: int) -> list[_Qdisc]:
+        if self.dump_fails:
+            raise NetlinkError(errno.EBUSY)
         return [_Qdisc("pfifo_fast", 0xFFFFFFFF), _Qdisc("ingress", 0xFFFFFFF1)]
 
 
@@ -50,3 +53,10 @@ def test_a_refusing_kernel_keeps_the_default_and_says_so() -> None:
     assert [(e["event"], e["qdisc"], e["log_level"]) for e in logs] == [
         ("TUN device keeps its default qdisc", "pfifo_fast", "warning")]
     assert "not supported" in logs[0]["error"]
+
+
+def test_a_failing_qdisc_dump_after_a_refusal_still_leaves_a_working_device() -> None:
+    ipr = _IPRoute(refuse=errno.EOPNOTSUPP, dump_fails=True)
+    with capture_logs() as logs:
+        assert _no_qdisc(ipr, 7, "flannel0") == "unknown"
+    assert [(e["event"], e["qdisc"]) for e in logs] == [("TUN device keeps its default qdisc", "unknown")]

@@ -83,7 +83,10 @@ def _no_qdisc(ipr: IPRoute, index: int, name: str) -> str:
         ipr.tc("replace", "noqueue", index, 0)
         return "noqueue"
     except NetlinkError as e:
-        kinds = [m.get_attr("TCA_KIND") for m in ipr.get_qdiscs(index=index) if m["parent"] == 0xFFFFFFFF]
+        try:
+            kinds = [m.get_attr("TCA_KIND") for m in ipr.get_qdiscs(index=index) if m["parent"] == 0xFFFFFFFF]
+        except NetlinkError:
+            kinds = []
         kept = kinds[0] if kinds else "unknown"
         log.warning("TUN device keeps its default qdisc", device=name, qdisc=kept, error=os.strerror(e.code))
         return kept
