@@ -34,6 +34,7 @@ from flannelpy.backend.udp.datapath import (
     choose_datapath,
     choose_threads,
     core_module,
+    loops,
     make_datapath,
 )
 from flannelpy.backend.udp.device import TunDevice
@@ -108,9 +109,7 @@ class UdpBackend(Backend):
             self.datapath = make_datapath(self.datapath_kind, self.core, self.tun.fd, self.sock.fileno(),
                                           self.port, self.batch, vnet_hdr=self.tun.vnet_hdr,
                                           gso=self.offloads.gso, gro=self.offloads.gro)
-            loops = ((("data", self.datapath.run),) if self.threads == 1 else
-                     (("encap", self.datapath.run_encap), ("decap", self.datapath.run_decap)))
-            for name, target in loops:
+            for name, target in loops(self.datapath, self.threads):
                 t = threading.Thread(target=self._run_loop, args=(name, target), name=f"flannelpy-{name}",
                                      daemon=True)
                 t.start()

@@ -12,6 +12,7 @@ import errno
 import os
 import select
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -70,7 +71,9 @@ def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup"),
                         quota, period = (d / "cpu.max").read_text().split()[:2]
                         return None if quota == "max" else int(quota) / int(period)
             elif "cpu" in controllers.split(","):
-                for d in (root / controllers / rel, root / controllers, root / "cpu" / rel, root / "cpu"):
+                # In order, once each: the two pairs coincide when the controller list is just "cpu".
+                candidates = (root / controllers / rel, root / controllers, root / "cpu" / rel, root / "cpu")
+                for d in dict.fromkeys(candidates):
                     if (d / "cpu.cfs_quota_us").is_file():
                         quota_us = int((d / "cpu.cfs_quota_us").read_text())
                         period_us = int((d / "cpu.cfs_period_us").read_text())
@@ -96,6 +99,13 @@ def choose_threads(threads: int | None) -> int:
         raise ValueError(f"FLANNELPY_UDP_THREADS={raw!r}: use 1 (both directions in one thread), 2 (one "
                          "thread each) or auto")
     return int(raw)
+
+
+def loops(datapath: Datapath, threads: int) -> tuple[tuple[str, Callable[[], None]], ...]:
+    """The (name, loop) pairs to run, one thread each: run() alone, or run_encap() and run_decap()."""
+    if threads == 1:
+        return (("data", datapath.run),)
+    return (("encap", datapath.run_encap), ("decap", datapath.run_decap))
 
 
 def core_module(kind: str) -> Any:

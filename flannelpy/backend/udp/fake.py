@@ -19,7 +19,7 @@ import threading
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from flannelpy.backend.udp.datapath import DEFAULT_BATCH, Datapath, core_module, make_datapath
+from flannelpy.backend.udp.datapath import DEFAULT_BATCH, Datapath, core_module, loops, make_datapath
 from flannelpy.backend.udp.offload import Offloads, choose_offloads, enable_udp_gro, enable_udp_gso
 
 VNET_LEN = 10
@@ -92,8 +92,8 @@ class FakeNode:
                                                 vnet_hdr=wanted.vnet_hdr, gso=self.offloads.gso,
                                                 gro=self.offloads.gro)
         self.errors: list[BaseException] = []
-        loops = (self.datapath.run,) if threads == 1 else (self.datapath.run_encap, self.datapath.run_decap)
-        self.threads = [threading.Thread(target=self._run, args=(f,), daemon=True) for f in loops]
+        self.threads = [threading.Thread(target=self._run, args=(f,), daemon=True)
+                        for _, f in loops(self.datapath, threads)]
         for t in self.threads:
             t.start()
 
