@@ -36,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
                    "flannelpy-udp-tso-gso; presets: default, "
                    "udp-steps = the udp backend from 1 packet/syscall to every offload, with the two references")
     p.add_argument("--measurements", default="", help="data path: comma-separated subset of "
-                   "tcp1,tcp4,udp64,udp1400,ping (default: all); the others show as not measured")
+                   "tcp1,tcp4,udp64,udp1400,ping,ping_loaded (default: all); the others show as not measured")
     p.add_argument("--peers", default="", help="control plane: peer counts for lease -> route (default 1,50)")
     p.add_argument("--start-sizes", default="", help="control plane: leases in etcd at daemon start "
                    "(default 0,1000,10000)")

@@ -1,8 +1,8 @@
 """Data-path benchmark: every configuration on one testbed, measured round-robin, medians and ratios.
 
-Each repetition visits every configuration in turn and runs the same five measurements on it (TCP 1 and
-4 streams, UDP 64 B and 1400 B from a batched generator, ping), so drift of the machine over the run hits
-every configuration alike.
+Each repetition visits every configuration in turn and runs the same six measurements on it (TCP 1 and
+4 streams, UDP 64 B and 1400 B from a batched generator, ping on an idle path and under one TCP stream), so
+drift of the machine over the run hits every configuration alike.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from benchmarks import report, traffic
 from benchmarks.testbed import PRESETS, Config, Pair, SetupError, Testbed, default_configs, preset_names
 
-MEASUREMENTS = ("tcp1", "tcp4", "udp64", "udp1400", "ping")
+MEASUREMENTS = ("tcp1", "tcp4", "udp64", "udp1400", "ping", "ping_loaded")
 REFERENCES = {"ratio_to_raw_veth": "raw-veth", "ratio_to_kernel_vxlan": "kernel-vxlan"}
 
 
@@ -74,6 +74,8 @@ def measure(pair: Pair, what: str, params: Params) -> dict[str, float]:
         return traffic.udp(pair, 1400, params.duration)
     if what == "ping":
         return traffic.ping(pair, params.ping_count, params.ping_interval)
+    if what == "ping_loaded":
+        return traffic.loaded_ping(pair, params.ping_count, params.ping_interval, ramp=0.5 if params.quick else 1.0)
     raise ValueError(what)
 
 
@@ -123,6 +125,7 @@ SOURCES = {
     "udp64_kpps": ("udp64", "kpps"), "udp64_loss_pct": ("udp64", "loss_pct"),
     "udp1400_kpps": ("udp1400", "kpps"), "udp1400_loss_pct": ("udp1400", "loss_pct"),
     "rtt_p50_ms": ("ping", "p50_ms"), "rtt_p99_ms": ("ping", "p99_ms"),
+    "rtt_loaded_p50_ms": ("ping_loaded", "p50_ms"), "rtt_loaded_p99_ms": ("ping_loaded", "p99_ms"),
 }
 # From the daemons' own counters (/metrics): flannelpy only.
 COUNTER_SOURCES = {"udp64_fwd_kpps": ("udp64", "fwd_kpps"), "udp1400_fwd_kpps": ("udp1400", "fwd_kpps")}

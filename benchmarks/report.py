@@ -32,6 +32,7 @@ DATAPATH_METRICS: tuple[Metric, ...] = (
     Metric("udp1400_loss_pct", "loss 1400 B", "%", "{:.1f}", ratio=False),
     Metric("rtt_p50_ms", "RTT p50", "ms", "{:.3f}"),
     Metric("rtt_p99_ms", "RTT p99", "ms", "{:.3f}"),
+    Metric("rtt_loaded_p50_ms", "RTT p50 under 1 TCP stream", "ms", "{:.3f}"),
     Metric("cpu_s_per_gb", "daemon CPU", "s/GB", "{:.2f}", ratio=False),
 )
 
@@ -261,26 +262,29 @@ def datapath_chart(data: dict[str, Any], path: Path) -> str | None:
     panels = (
         ("TCP throughput (Gbit/s, log scale)", (("tcp1_gbps", "1 stream"), ("tcp4_gbps", "4 streams")), True),
         ("UDP datagrams delivered (kpps)", (("udp64_kpps", "64 B"), ("udp1400_kpps", "1400 B")), False),
-        ("ping RTT (ms, log scale)", (("rtt_p50_ms", "p50"), ("rtt_p99_ms", "p99")), True),
+        ("ping RTT (ms, log scale)", (("rtt_p50_ms", "p50"), ("rtt_p99_ms", "p99"),
+                                      ("rtt_loaded_p50_ms", "p50 under 1 TCP stream")), True),
     )
-    width = 0.4
     for ax, (title, series, log_scale) in zip(axes, panels, strict=True):
         if log_scale:
             ax.set_yscale("log")
+        width = 0.8 / len(series)
         for i, (key, name) in enumerate(series):
-            xs = [x + (i - 0.5) * width for x in range(len(configs))]
+            xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(configs))]
             ys = values(key)
             bars = ax.bar(xs, ys, width, label=name)
-            for bar, y in zip(bars, ys, strict=True):
+            for c, bar, y in zip(configs, bars, ys, strict=True):
                 x = bar.get_x() + bar.get_width() / 2
-                if y != y:  # NaN: the measurement failed
-                    ax.annotate("failed", (x, 0.02), xycoords=("data", "axes fraction"), ha="center",
-                                rotation=90, fontsize=7, color="red")
+                if y != y:  # NaN: failed, or not measured (--measurements, no daemon)
+                    na = metric(c, key)["na"]
+                    ax.annotate("n/a" if na else "failed", (x, 0.02), xycoords=("data", "axes fraction"),
+                                ha="center", rotation=90, fontsize=7, color="gray" if na else "red")
                 else:
                     ax.annotate(f"{y:.3g}", (x, y), ha="center", va="bottom", fontsize=6, rotation=90,
                                 xytext=(0, 2), textcoords="offset points")
         ax.set_title(title)
         ax.set_xticks(range(len(configs)))
+        ax.set_xlim(-0.5, len(configs) - 0.5)  # a panel with no value at all keeps its labels in view
         ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)

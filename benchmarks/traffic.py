@@ -1,4 +1,5 @@
-"""One measurement each: iperf3 TCP, a batched UDP flood, ping RTT, and a process's CPU time from /proc.
+"""One measurement each: iperf3 TCP, a batched UDP flood, ping RTT (idle, and under a TCP stream), and a
+process's CPU time from /proc.
 
 Every function runs real tools inside the pair's namespaces and raises MeasureError (with the tool's
 own words) instead of returning a zero: a failed measurement must never look like a slow one.
@@ -16,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from benchmarks import flood
@@ -69,31 +70,45 @@ def _stop(proc: subprocess.Popen[str]) -> None:
         proc.communicate(timeout=5)
 
 
-def iperf3(pair: Pair, client_args: Sequence[str], duration: float) -> dict[str, Any]:
-    """A one-off iperf3 server in the server namespace and one client run; iperf3's JSON."""
+@contextlib.contextmanager
+def _iperf3_server(pair: Pair) -> Iterator[None]:
+    """A one-off iperf3 server in the server namespace, listening until the block ends."""
     server = subprocess.Popen(netns_exec(pair.server_ns, ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)]),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                               text=True, start_new_session=True)
     try:
         _wait_listening(pair.server_ns, IPERF_PORT, server)
-        # iperf3 reads -t as whole seconds (and 0 as "forever").
-        argv = ["iperf3", "-c", pair.server_ip, "-p", str(IPERF_PORT), "-t", str(max(1, round(duration))), "-J",
-                "--connect-timeout", "5000", *client_args]
+        yield
+    finally:
+        _stop(server)
+
+
+def _iperf3_argv(pair: Pair, client_args: Sequence[str], duration: float) -> list[str]:
+    # iperf3 reads -t as whole seconds (and 0 as "forever").
+    return netns_exec(pair.client_ns, ["iperf3", "-c", pair.server_ip, "-p", str(IPERF_PORT), "-t",
+                                       str(max(1, round(duration))), "-J", "--connect-timeout", "5000",
+                                       *client_args])
+
+
+def _iperf3_result(stdout: str, stderr: str, code: int | None) -> dict[str, Any]:
+    try:
+        result: dict[str, Any] = json.loads(stdout)
+    except ValueError:
+        raise MeasureError(f"iperf3 printed no JSON (code {code}): {(stderr or stdout).strip()[:300]}") from None
+    if "error" in result:
+        raise MeasureError(f"iperf3: {result['error']}")
+    return result
+
+
+def iperf3(pair: Pair, client_args: Sequence[str], duration: float) -> dict[str, Any]:
+    """A one-off iperf3 server in the server namespace and one client run; iperf3's JSON."""
+    with _iperf3_server(pair):
         try:
-            proc = subprocess.run(netns_exec(pair.client_ns, argv), capture_output=True, text=True,
+            proc = subprocess.run(_iperf3_argv(pair, client_args, duration), capture_output=True, text=True,
                                   timeout=duration + 30, check=False)
         except subprocess.TimeoutExpired:
             raise MeasureError(f"iperf3 {' '.join(client_args)} did not finish within {duration + 30:.0f}s") from None
-        try:
-            result: dict[str, Any] = json.loads(proc.stdout)
-        except ValueError:
-            raise MeasureError(f"iperf3 printed no JSON (code {proc.returncode}): "
-                               f"{(proc.stderr or proc.stdout).strip()[:300]}") from None
-        if "error" in result:
-            raise MeasureError(f"iperf3: {result['error']}")
-        return result
-    finally:
-        _stop(server)
+        return _iperf3_result(proc.stdout, proc.stderr, proc.returncode)
 
 
 def tcp(pair: Pair, streams: int, duration: float) -> dict[str, float]:
@@ -245,3 +260,26 @@ def ping(pair: Pair, count: int, interval: float = 0.01) -> dict[str, float]:
                            f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:] }")
     return {"p50_ms": percentile(rtts, 50), "p99_ms": percentile(rtts, 99),
             "loss_pct": 100.0 * (count - len(rtts)) / count}
+
+
+def loaded_ping(pair: Pair, count: int, interval: float = 0.01, ramp: float = 1.0) -> dict[str, float]:
+    """ping(8) from the client to the server while one iperf3 TCP stream runs the same way: what a request
+    waits behind a bulk transfer (bufferbloat). RTT p50/p99 in ms, loss, and the stream's Gbit/s."""
+    duration = ramp + count * interval + 1.0
+    with _iperf3_server(pair):
+        client = subprocess.Popen(_iperf3_argv(pair, [], duration), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+        try:
+            time.sleep(ramp)  # past slow start: the queues a long transfer builds
+            result = ping(pair, count, interval)
+            try:
+                out, err = client.communicate(timeout=duration + 30)
+            except subprocess.TimeoutExpired:
+                raise MeasureError(f"the iperf3 load did not finish within {duration + 30:.0f}s") from None
+            load = _iperf3_result(out, err, client.returncode)
+        finally:
+            _stop(client)
+    bps = float(load["end"]["sum_received"]["bits_per_second"])
+    if bps <= 0:
+        raise MeasureError("the iperf3 load moved nothing: this RTT was not measured under load")
+    return {**result, "load_gbps": bps / 1e9}

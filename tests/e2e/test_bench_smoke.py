@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FULL = ("raw-veth", "flannelpy-udp-compiled", "flanneld-udp")
 BACKENDS = {"flannelpy-host-gw": "host-gw", "flannelpy-vxlan": "vxlan", "flannelpy-udp-compiled": "udp",
             "flannelpy-udp-python": "udp", "flannelpy-udp-batch1": "udp"}
-RATES = ("tcp1_gbps", "tcp4_gbps", "udp64_kpps", "udp1400_kpps", "rtt_p50_ms", "rtt_p99_ms")
+RATES = ("tcp1_gbps", "tcp4_gbps", "udp64_kpps", "udp1400_kpps", "rtt_p50_ms", "rtt_p99_ms", "rtt_loaded_p50_ms")
 FAKE_FLANNELD = "#!/bin/sh\necho 'fake flanneld: not a real binary' >&2\nexit 3\n"
 
 pytestmark = [
@@ -136,6 +136,7 @@ def test_the_full_run_has_every_measurement_including_the_udp_flood_and_daemon_c
         run = c["runs"][0]
         for what in ("udp64", "udp1400"):  # delivered never exceeds what the generator sent
             assert 0 < run[what]["received"] <= run[what]["sent"], (name, run[what])
+        assert run["ping_loaded"]["load_gbps"] > 0, (name, run["ping_loaded"])  # the RTT was taken under load
         cpu, fwd = c["metrics"]["cpu_s_per_gb"], c["metrics"]["udp64_fwd_kpps"]
         if name.startswith("flannelpy"):
             assert cpu["median"] is not None and cpu["median"] >= 0, f"{name}: daemon CPU missing"

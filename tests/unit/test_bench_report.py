@@ -62,6 +62,24 @@ def test_measurements_left_out_read_na_and_do_not_fail_the_configuration() -> No
     assert "0.00" not in _row(table, UDP.label) and "batched generator" in table
 
 
+def test_rtt_under_load_is_a_column_with_its_ratio_to_kernel_vxlan() -> None:
+    measured = ("ping", "ping_loaded")
+    kvx = Config("kernel-vxlan", "kernel vxlan", "kernel")
+
+    def runs(idle: float, loaded: list[float]) -> list[dict[str, Any]]:
+        return [{"rep": i + 1, "ping": {"p50_ms": idle, "p99_ms": idle},
+                 "ping_loaded": {"p50_ms": v, "p99_ms": 2 * v, "loss_pct": 0.0, "load_gbps": 5.0}}
+                for i, v in enumerate(loaded)]
+    udp = _entry(UDP, runs(0.35, [2.5, 2.0, 3.0]), measured)
+    vxlan = _entry(kvx, runs(0.16, [0.05, 0.04, 0.06]), measured)
+    assert udp["metrics"]["rtt_loaded_p50_ms"]["median"] == 2.5
+    assert udp["metrics"]["rtt_loaded_p99_ms"]["median"] == 5.0
+    table = report.datapath_markdown(_data([vxlan, udp], measured))
+    assert "RTT p50 under 1 TCP stream" in table
+    assert "2.500" in _row(table, UDP.label)
+    assert "50.00x" in table  # 2.5 ms against kernel vxlan's 0.05
+
+
 def test_a_failed_flood_reads_failed_with_its_reason_never_zero() -> None:
     runs = [{"rep": 1, "udp64": {"error": "none of 5000 UDP datagrams of 64 B arrived"},
              "ping": {"p50_ms": 0.4, "p99_ms": 1.0}}]
