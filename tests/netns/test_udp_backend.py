@@ -40,6 +40,12 @@ def test_flannel0_is_configured_like_flanneld(udp_pair: Pair) -> None:
     assert "10.99.0.1:8285" in listening
 
 
+def test_data_path_threads_run_under_sched_rr_so_bulk_traffic_does_not_delay_the_rest(udp_pair: Pair) -> None:
+    for node in udp_pair.nodes:
+        threads = node.call(op="sched")["sched"]
+        assert threads and all(t == [os.SCHED_RR, 1] for t in threads), threads
+
+
 def test_lease_value_has_no_backend_type(udp_pair: Pair) -> None:
     assert udp_pair.nodes[0].ready["lease"] == {"PublicIP": "10.99.0.1", "PublicIPv6": None}
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import sys
 from ipaddress import IPv4Address, IPv4Network
@@ -53,7 +54,7 @@ async def main(spec: dict[str, Any]) -> None:
     config = parse_config(json.dumps({"Network": spec["network"], **spec.get("config", {})}))
     iface = await asyncio.to_thread(external_iface, spec["iface"])
     backend = UdpBackend(config, iface, datapath=spec.get("datapath"), tun_name=spec.get("tun", "flannel0"),
-                         offload=spec.get("offload"), threads=spec.get("threads"))
+                         offload=spec.get("offload"), threads=spec.get("threads"), rtprio=spec.get("rtprio"))
     own = Lease(IPv4Network(spec["subnet"]), await backend.lease_attrs())
     try:
         await backend.start(own)
@@ -77,6 +78,9 @@ async def main(spec: dict[str, Any]) -> None:
                 say({"ok": True})
             elif cmd["op"] == "counters":
                 say({"counters": backend.counters(), "failed": runner.done()})
+            elif cmd["op"] == "sched":  # each data-path thread's (policy, priority), as the kernel has them
+                say({"sched": [(os.sched_getscheduler(t.native_id), os.sched_getparam(t.native_id).sched_priority)
+                               for t in backend._threads if t.native_id is not None]})
             elif cmd["op"] == "stop":
                 break
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from flannelpy.backend.base import ExternalInterface, create_backend
 from flannelpy.backend.udp import UdpBackend
-from flannelpy.backend.udp.datapath import cgroup_cpu_limit
+from flannelpy.backend.udp.datapath import cgroup_cpu_limit, make_realtime
 from flannelpy.config import parse_config
 from flannelpy.subnet.lease import Lease, LeaseAttrs
 
@@ -101,6 +102,35 @@ def test_batch_by_argument_or_environment(monkeypatch: pytest.MonkeyPatch) -> No
         backend()
     with pytest.raises(ValueError, match=r"1\.\.1024"):
         backend(batch=5000)
+
+
+def test_realtime_priority_is_1_unless_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLANNELPY_UDP_RTPRIO", raising=False)
+    assert backend().rtprio == 1
+    assert backend(rtprio=0).rtprio == 0
+    monkeypatch.setenv("FLANNELPY_UDP_RTPRIO", "0")
+    assert backend().rtprio == 0
+    assert backend(rtprio=5).rtprio == 5  # the argument wins
+    assert backend(datapath="python", rtprio=5).rtprio == 0  # its loops hold the GIL: never above the control plane
+    for bad, words in (("high", "not a number"), ("100", "out of range")):
+        monkeypatch.setenv("FLANNELPY_UDP_RTPRIO", bad)
+        with pytest.raises(ValueError, match=f"FLANNELPY_UDP_RTPRIO.*{words}.*0 .normal scheduling"):
+            backend()
+
+
+def test_a_refused_realtime_priority_says_why_and_leaves_the_thread_as_it_was(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, int, int]] = []
+
+    def refuse(pid: int, policy: int, param: os.sched_param) -> None:
+        calls.append((pid, policy, param.sched_priority))
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr("os.sched_setscheduler", refuse)
+    assert make_realtime(0) is None and calls == []  # 0: normal scheduling, nothing asked of the kernel
+    why = make_realtime(1)
+    assert calls == [(0, os.SCHED_RR, 1)]  # the calling thread only
+    assert why is not None and "Operation not permitted" in why and "CAP_SYS_NICE" in why
 
 
 def test_threads_follow_the_cpus_unless_chosen(monkeypatch: pytest.MonkeyPatch) -> None:

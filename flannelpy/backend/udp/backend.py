@@ -12,8 +12,9 @@ ENETUNREACH; a connected UDP socket sees it when IP_RECVERR is set (as glibc's r
 FLANNELPY_DATAPATH=compiled|python and FLANNELPY_BATCH=1..1024 (packets per wake-up) select the data
 path, for benchmarks; FLANNELPY_OFFLOAD=1|0|tso,gso,gro the kernel offloads of the compiled one (see
 offload.py: on by default, off with batch 1); FLANNELPY_UDP_THREADS=1|2|auto whether one thread carries both
-directions or each has its own (auto: one where at most two CPUs are usable, by affinity or cgroup quota).
-The constructor's datapath=, batch=, offload= and threads= take precedence.
+directions or each has its own (auto: one where at most two CPUs are usable, by affinity or cgroup quota);
+FLANNELPY_UDP_RTPRIO=0..99 their SCHED_RR priority (default 1; 0: normal scheduling, see datapath.py).
+The constructor's datapath=, batch=, offload=, threads= and rtprio= take precedence.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ from flannelpy.backend.udp.datapath import (
     Datapath,
     choose_batch,
     choose_datapath,
+    choose_rtprio,
     choose_threads,
     core_module,
     loops,
     make_datapath,
+    make_realtime,
 )
 from flannelpy.backend.udp.device import TunDevice
 from flannelpy.backend.udp.offload import Offloads, choose_offloads, enable_udp_gro, enable_udp_gso
@@ -59,7 +62,7 @@ class UdpBackend(Backend):
 
     def __init__(self, config: NetworkConfig, iface: ExternalInterface, *, datapath: str | None = None,
                  tun_name: str = "flannel0", batch: int | None = None, offload: bool | str | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, rtprio: int | None = None) -> None:
         super().__init__(config, iface)
         if config.network is None:
             raise ConfigError("the udp backend needs an IPv4 Network in the config (EnableIPv4 with Network)")
@@ -68,6 +71,10 @@ class UdpBackend(Backend):
         self.tun_name = tun_name
         self.batch = choose_batch(batch)
         self.threads = choose_threads(threads)
+        # The pure-Python loops hold the GIL: at real-time priority they could starve the control plane.
+        self.rtprio = choose_rtprio(rtprio) if self.datapath_kind == "compiled" else 0
+        self._rt_refused: str | None = None
+        self._rt_lock = threading.Lock()
         self.offloads_wanted = choose_offloads(offload, self.batch, self.datapath_kind)
         self.offloads = Offloads()  # what the kernel granted, known after start()
         self.port = config.backend.port
@@ -119,7 +126,7 @@ class UdpBackend(Backend):
             raise
         log.info("udp backend started", device=self.tun.name, subnet=str(lease.subnet), mtu=self.mtu,
                  listen=f"{self.iface.ip}:{self.port}", datapath=self.datapath_kind, batch=self.batch,
-                 offloads=self.offloads.describe(), threads=self.threads)
+                 offloads=self.offloads.describe(), threads=self.threads, rtprio=self.rtprio)
 
     def _bind(self) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -136,6 +143,12 @@ class UdpBackend(Backend):
         return sock
 
     def _run_loop(self, name: str, target: Callable[[], None]) -> None:
+        refused = make_realtime(self.rtprio)
+        with self._rt_lock:
+            first, self._rt_refused = self._rt_refused is None, self._rt_refused or refused
+        if refused and first:  # once, not per thread
+            log.warning("data path stays under normal scheduling: real-time priority refused", rtprio=self.rtprio,
+                        error=refused, hint="FLANNELPY_UDP_RTPRIO=0 silences this")
         try:
             target()
         except BaseException as e:  # reported to run() on the event loop

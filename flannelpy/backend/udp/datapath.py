@@ -101,6 +101,38 @@ def choose_threads(threads: int | None) -> int:
     return int(raw)
 
 
+def choose_rtprio(rtprio: int | None) -> int:
+    """Real-time priority of the data-path threads: the argument, else FLANNELPY_UDP_RTPRIO, else 1
+    (SCHED_RR, the lowest real-time priority); 0 leaves them to the normal scheduler.
+
+    A loop sleeps in poll() until packets arrive and then runs like the kernel's softirq would: before any
+    normal task. With normal scheduling a bulk transfer's endpoints compete with the loops for the CPU, and
+    every other packet (a ping, a request) waits at each of the four loops on its way (docs/benchmarks.md:
+    ping under one TCP stream 2.3 -> 0.25 ms on 2 cores). The kernel's RT throttling still leaves normal tasks
+    5% of each CPU if a flood keeps a loop busy."""
+    raw = str(rtprio if rtprio is not None else os.environ.get("FLANNELPY_UDP_RTPRIO") or "1").strip()
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"FLANNELPY_UDP_RTPRIO={raw!r} is not a number: use 0 (normal scheduling) or "
+                         "1..99 (SCHED_RR priority)") from None
+    if not 0 <= value <= 99:
+        raise ValueError(f"FLANNELPY_UDP_RTPRIO={value} out of range: use 0 (normal scheduling) or 1..99")
+    return value
+
+
+def make_realtime(rtprio: int) -> str | None:
+    """Puts the calling thread under SCHED_RR at rtprio (0: nothing to do); None, or why the kernel refused
+    (no CAP_SYS_NICE, or a cgroup without real-time runtime): the thread then keeps normal scheduling."""
+    if rtprio == 0:
+        return None
+    try:
+        os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(rtprio))
+    except OSError as e:
+        return f"{e.strerror or e} (needs CAP_SYS_NICE and, with cgroup v1 RT groups, cpu.rt_runtime_us > 0)"
+    return None
+
+
 def loops(datapath: Datapath, threads: int) -> tuple[tuple[str, Callable[[], None]], ...]:
     """The (name, loop) pairs to run, one thread each: run() alone, or run_encap() and run_decap()."""
     if threads == 1:
