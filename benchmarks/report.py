@@ -180,7 +180,7 @@ def datapath_markdown(data: dict[str, Any]) -> str:
 
 
 UDP_STEPS = ("flannelpy-udp-batch1", "flannelpy-udp-batch64", "flannelpy-udp-tso", "flannelpy-udp-tso-gso",
-             "flannelpy-udp-normal-sched", "flannelpy-udp-compiled")
+             "flannelpy-udp-compiled")
 
 
 def udp_steps_markdown(data: dict[str, Any]) -> str:

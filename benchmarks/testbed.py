@@ -65,7 +65,7 @@ class Config:
 # Named sets for --configs.
 PRESETS: dict[str, tuple[str, ...]] = {
     "udp-steps": ("raw-veth", "kernel-vxlan", "flannelpy-udp-batch1", "flannelpy-udp-batch64", "flannelpy-udp-tso",
-                  "flannelpy-udp-tso-gso", "flannelpy-udp-normal-sched", "flannelpy-udp-compiled"),
+                  "flannelpy-udp-tso-gso", "flannelpy-udp-compiled"),
 }
 
 
@@ -109,10 +109,9 @@ def default_configs() -> list[Config]:
         Config("flannelpy-udp-tso-gso", "flannelpy udp (batch 64, TSO+GSO)", "daemon", tag="ug", backend="udp",
                default=False, env=(("FLANNELPY_DATAPATH", "compiled"), ("FLANNELPY_BATCH", "64"),
                                    ("FLANNELPY_OFFLOAD", "tso,gso"))),
-        # Every offload, the data-path threads under normal scheduling rather than SCHED_RR.
-        Config("flannelpy-udp-normal-sched", "flannelpy udp (all offloads, normal scheduling)", "daemon", tag="un",
-               backend="udp", default=False,
-               env=(("FLANNELPY_DATAPATH", "compiled"), ("FLANNELPY_UDP_RTPRIO", "0"))),
+        # The default with its data-path threads under SCHED_RR (an operator's trade-off, not a default).
+        Config("flannelpy-udp-rt", "flannelpy udp (compiled, SCHED_RR)", "daemon", tag="ur", backend="udp",
+               default=False, env=(("FLANNELPY_DATAPATH", "compiled"), ("FLANNELPY_UDP_RTPRIO", "1"))),
     ]
     binary = flanneld_bin()
     why = None if binary else (

@@ -125,8 +125,9 @@ class Pair:
 def build_pair(prefix: str, datapath: str, stack: contextlib.ExitStack, mtu: int = 1500) -> Pair:
     """datapath: "compiled" (offloads as the backend defaults), "python", or "compiled-<FLANNELPY_OFFLOAD
     value>" such as "compiled-0" (offloads off) or "compiled-tso,gso"; "@1" or "@2" at the end sets the
-    data-path threads (default: the backend's choice for this machine)."""
+    data-path threads (default: the backend's choice for this machine); "+rt" last, SCHED_RR priority 1."""
     mode = datapath
+    datapath, _, rt = datapath.partition("+")
     datapath, _, threads = datapath.partition("@")
     datapath, _, offload = datapath.partition("-")
     pair = Pair(prefix, datapath, mode)
@@ -157,7 +158,7 @@ def build_pair(prefix: str, datapath: str, stack: contextlib.ExitStack, mtu: int
     for i, host in enumerate(pair.hosts):
         node = Node(host, {"network": NETWORK, "subnet": pair.subnets[i], "iface": "eth0",
                            "datapath": datapath, "offload": offload or None,
-                           "threads": int(threads) if threads else None})
+                           "threads": int(threads) if threads else None, "rtprio": 1 if rt == "rt" else None})
         stack.callback(node.stop)
         pair.nodes.append(node)
     pair.nodes[0].apply(added=[pair.lease(1)])

@@ -4,13 +4,14 @@ leases of other backends ignored, a second instance refused, everything removed 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
 
 import pytest
 
-from tests.netns.conftest import NETWORK, Node, Pair, nsexec, wait_for
+from tests.netns.conftest import NETWORK, Node, Pair, build_pair, new_prefix, nsexec, wait_for
 from tests.netns.test_udp_datapath import ping, py
 
 pytestmark = [
@@ -40,10 +41,16 @@ def test_flannel0_is_configured_like_flanneld(udp_pair: Pair) -> None:
     assert "10.99.0.1:8285" in listening
 
 
-def test_data_path_threads_run_under_sched_rr_so_bulk_traffic_does_not_delay_the_rest(udp_pair: Pair) -> None:
+def test_data_path_threads_keep_normal_scheduling_unless_sched_rr_is_asked_for(udp_pair: Pair) -> None:
     for node in udp_pair.nodes:
         threads = node.call(op="sched")["sched"]
-        assert threads and all(t == [os.SCHED_RR, 1] for t in threads), threads
+        assert threads and all(t == [os.SCHED_OTHER, 0] for t in threads), threads
+    with contextlib.ExitStack() as stack:
+        rt = build_pair(new_prefix(), "compiled+rt", stack)
+        for node in rt.nodes:
+            threads = node.call(op="sched")["sched"]
+            assert threads and all(t == [os.SCHED_RR, 1] for t in threads), threads
+        assert ping(rt.containers[0], rt.container_ips[1], count=2).returncode == 0
 
 
 def test_lease_value_has_no_backend_type(udp_pair: Pair) -> None:

@@ -104,14 +104,14 @@ def test_batch_by_argument_or_environment(monkeypatch: pytest.MonkeyPatch) -> No
         backend(batch=5000)
 
 
-def test_realtime_priority_is_1_unless_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_realtime_priority_only_when_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FLANNELPY_UDP_RTPRIO", raising=False)
-    assert backend().rtprio == 1
-    assert backend(rtprio=0).rtprio == 0
-    monkeypatch.setenv("FLANNELPY_UDP_RTPRIO", "0")
     assert backend().rtprio == 0
-    assert backend(rtprio=5).rtprio == 5  # the argument wins
-    assert backend(datapath="python", rtprio=5).rtprio == 0  # its loops hold the GIL: never above the control plane
+    assert backend(rtprio=1).rtprio == 1
+    monkeypatch.setenv("FLANNELPY_UDP_RTPRIO", "2")
+    assert backend().rtprio == 2
+    assert backend(rtprio=0).rtprio == 0  # the argument wins
+    assert backend(datapath="python").rtprio == 0  # its loops hold the GIL: never above the control plane
     for bad, words in (("high", "not a number"), ("100", "out of range")):
         monkeypatch.setenv("FLANNELPY_UDP_RTPRIO", bad)
         with pytest.raises(ValueError, match=f"FLANNELPY_UDP_RTPRIO.*{words}.*0 .normal scheduling"):

@@ -102,15 +102,16 @@ def choose_threads(threads: int | None) -> int:
 
 
 def choose_rtprio(rtprio: int | None) -> int:
-    """Real-time priority of the data-path threads: the argument, else FLANNELPY_UDP_RTPRIO, else 1
-    (SCHED_RR, the lowest real-time priority); 0 leaves them to the normal scheduler.
+    """Real-time priority of the data-path threads: the argument, else FLANNELPY_UDP_RTPRIO, else 0 (normal
+    scheduling); 1..99 puts them under SCHED_RR at that priority.
 
-    A loop sleeps in poll() until packets arrive and then runs like the kernel's softirq would: before any
-    normal task. With normal scheduling a bulk transfer's endpoints compete with the loops for the CPU, and
-    every other packet (a ping, a request) waits at each of the four loops on its way (docs/benchmarks.md:
-    ping under one TCP stream 2.3 -> 0.25 ms on 2 cores). The kernel's RT throttling still leaves normal tasks
-    5% of each CPU if a flood keeps a loop busy."""
-    raw = str(rtprio if rtprio is not None else os.environ.get("FLANNELPY_UDP_RTPRIO") or "1").strip()
+    A trade-off, measured on 2 cores (docs/benchmarks.md, "Latency under load"): at real-time priority a loop
+    runs as soon as a packet arrives, like the kernel's softirq, so other traffic no longer waits behind the
+    processes of a bulk transfer (ping under one TCP stream 2.5 -> 0.27 ms); but it also preempts whatever
+    produces the packets at every arrival, so batches shrink, CPU per GB rises by a third, the idle round trip
+    by a fifth, and a local flood's endpoints starve (64-byte rate 135 -> 42 kpps). Real-time threads are also
+    outside CFS bandwidth control (a cgroup's CPU quota does not hold them)."""
+    raw = str(rtprio if rtprio is not None else os.environ.get("FLANNELPY_UDP_RTPRIO") or "0").strip()
     try:
         value = int(raw)
     except ValueError:
