@@ -8,6 +8,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
 from flannelpy.backend.base import ExternalInterface, create_backend
 from flannelpy.backend.udp import UdpBackend
@@ -131,6 +132,20 @@ def test_a_refused_realtime_priority_says_why_and_leaves_the_thread_as_it_was(
     why = make_realtime(1)
     assert calls == [(0, os.SCHED_RR, 1)]  # the calling thread only
     assert why is not None and "Operation not permitted" in why and "CAP_SYS_NICE" in why
+
+
+def test_a_refusal_is_logged_once_for_all_loop_threads_and_the_loops_still_run(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("flannelpy.backend.udp.backend.make_realtime",
+                        lambda rtprio: "Operation not permitted (needs CAP_SYS_NICE)")
+    b = backend(rtprio=1)
+    ran: list[str] = []
+    with structlog.testing.capture_logs() as logs:
+        b._run_loop("encap", lambda: ran.append("encap"))
+        b._run_loop("decap", lambda: ran.append("decap"))
+    assert ran == ["encap", "decap"]
+    refusals = [e for e in logs if "real-time priority refused" in e["event"]]
+    assert len(refusals) == 1 and refusals[0]["rtprio"] == 1 and "CAP_SYS_NICE" in refusals[0]["error"]
 
 
 def test_threads_follow_the_cpus_unless_chosen(monkeypatch: pytest.MonkeyPatch) -> None:

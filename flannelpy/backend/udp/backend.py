@@ -73,7 +73,7 @@ class UdpBackend(Backend):
         self.threads = choose_threads(threads)
         # The pure-Python loops hold the GIL: at real-time priority they could starve the control plane.
         self.rtprio = choose_rtprio(rtprio) if self.datapath_kind == "compiled" else 0
-        self._rt_refused: str | None = None
+        self._rt_warned = False
         self._rt_lock = threading.Lock()
         self.offloads_wanted = choose_offloads(offload, self.batch, self.datapath_kind)
         self.offloads = Offloads()  # what the kernel granted, known after start()
@@ -144,11 +144,12 @@ class UdpBackend(Backend):
 
     def _run_loop(self, name: str, target: Callable[[], None]) -> None:
         refused = make_realtime(self.rtprio)
-        with self._rt_lock:
-            first, self._rt_refused = self._rt_refused is None, self._rt_refused or refused
-        if refused and first:  # once, not per thread
-            log.warning("data path stays under normal scheduling: real-time priority refused", rtprio=self.rtprio,
-                        error=refused, hint="FLANNELPY_UDP_RTPRIO=0 silences this")
+        if refused:
+            with self._rt_lock:  # one warning, not one per loop thread
+                first, self._rt_warned = not self._rt_warned, True
+            if first:
+                log.warning("data path stays under normal scheduling: real-time priority refused",
+                            rtprio=self.rtprio, error=refused, hint="FLANNELPY_UDP_RTPRIO=0 silences this")
         try:
             target()
         except BaseException as e:  # reported to run() on the event loop
