@@ -109,9 +109,12 @@ def default_configs() -> list[Config]:
         Config("flannelpy-udp-tso-gso", "flannelpy udp (batch 64, TSO+GSO)", "daemon", tag="ug", backend="udp",
                default=False, env=(("FLANNELPY_DATAPATH", "compiled"), ("FLANNELPY_BATCH", "64"),
                                    ("FLANNELPY_OFFLOAD", "tso,gso"))),
-        # The default with its data-path threads under SCHED_RR (an operator's trade-off, not a default).
+        # The default's data-path threads always under SCHED_RR, and never (the default is auto: SCHED_RR
+        # only while a bulk transfer makes other traffic wait).
         Config("flannelpy-udp-rt", "flannelpy udp (compiled, SCHED_RR)", "daemon", tag="ur", backend="udp",
                default=False, env=(("FLANNELPY_DATAPATH", "compiled"), ("FLANNELPY_UDP_RTPRIO", "1"))),
+        Config("flannelpy-udp-nort", "flannelpy udp (compiled, never SCHED_RR)", "daemon", tag="un", backend="udp",
+               default=False, env=(("FLANNELPY_DATAPATH", "compiled"), ("FLANNELPY_UDP_RTPRIO", "0"))),
     ]
     binary = flanneld_bin()
     why = None if binary else (

@@ -63,6 +63,7 @@ from fastpath.offload cimport (
     fp_gro_candidate,
     fp_gro_finish,
     fp_gro_start,
+    fp_rd32,
     fp_tso,
     fp_tso_parse,
     fp_tso_segment,
@@ -96,8 +97,40 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_mutex_trylock(pthread_mutex_t* m)
     int pthread_mutex_unlock(pthread_mutex_t* m)
 
+cdef extern from "<sched.h>" nogil:
+    struct sched_param:
+        int sched_priority
+    int sched_setscheduler(int pid, int policy, const sched_param* param)
+    enum:
+        SCHED_OTHER
+        SCHED_RR
+
+cdef extern from "<time.h>" nogil:
+    struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec* ts)
+    enum:
+        CLOCK_MONOTONIC
+
+cdef extern from "<fcntl.h>" nogil:
+    int c_open "open"(const char* path, int flags)
+    enum:
+        O_RDONLY
+        O_CLOEXEC
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t pread(int fd, void* buf, size_t count, long offset)
+
 cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int initval, int flags)
+
+cdef extern from *:
+    """
+    #define FP_ATOMIC_ADD(p, v) __atomic_add_fetch((p), (v), __ATOMIC_RELAXED)
+    """
+    long FP_ATOMIC_ADD(long* p, long v) nogil
+    int __builtin_popcount(unsigned int x) nogil
     enum:
         EFD_CLOEXEC
         EFD_NONBLOCK
@@ -141,6 +174,10 @@ cdef enum:
     CMSG_SZ = 32                # room for one UDP_SEGMENT / UDP_GRO control message
     GRO_SLOTS = 64              # receive buffers per recvmmsg with UDP_GRO
     GRO_SLOT = 65536 + 64       # a coalesced buffer holds one UDP datagram's worth at most
+    RT_WINDOW_MS = 100          # auto real-time: how often a loop looks at its traffic and its waiting
+    RT_MIN_SEGS = 2000          # packets per window below which a loop is not carrying a bulk transfer
+    RT_HISTORY = 10             # windows (1 s) over which a loop looks for sparse packets
+    RT_FLOWS = 8                # bulk flows remembered (see rt_sparse)
 
 
 cdef struct Sender:
@@ -310,14 +347,17 @@ cdef inline void tun_write(int tun, bint vnet, unsigned char* zero_vnet, unsigne
         counts[counter] += packets
 
 
-cdef inline void gro_flush(fp_gro* run, int tun, uint64_t* counts) noexcept nogil:
-    cdef int k
+cdef inline int gro_flush(fp_gro* run, int tun, uint64_t* counts) noexcept nogil:
+    """Writes the run into the TUN; how many TCP segments went as one super-packet (0: none, or one alone)."""
+    cdef int k, tcp_segs
     if run.nseg == 0:
-        return
+        return 0
+    tcp_segs = run.nseg if run.nseg > 1 and run.proto == 6 else 0
     k = fp_gro_finish(run)
     if writev(tun, run.iov, k) < 0:
         counts[C_DECAP_DROP_WRITE_ERROR] += run.nseg
     run.nseg = 0
+    return tcp_segs
 
 
 @cython.final
@@ -340,12 +380,18 @@ cdef class Datapath:
     cdef readonly bint gso
     cdef readonly bint gro
     cdef readonly int gso_error  # errno that switched UDP GSO off while running, 0 if none
+    cdef readonly int auto_rtprio  # SCHED_RR priority a loop takes while it carries a bulk transfer; 0: never
+    cdef readonly long rt_threads  # loops under SCHED_RR right now (auto mode)
+    cdef readonly long rt_promotions  # times a loop went to SCHED_RR (auto mode)
+    cdef readonly int rt_error  # errno that switched auto mode off (the kernel refused SCHED_RR), 0 if none
+    cdef uint64_t sparse  # packets read from the TUN that are not bulk (rt_sparse), under encap_lock
     cdef int stop_fd
     cdef pthread_mutex_t encap_lock  # one TUN reader at a time, so packets leave in the order they were read
     cdef Encap* live_encap  # the encap loop's state while it runs, for the decap loop's hand-off
 
     def __cinit__(self, PacketCore core not None, int tun_fd, int udp_fd, int port,
-                  int batch=DEFAULT_BATCH, *, bint vnet_hdr=False, bint gso=False, bint gro=False):
+                  int batch=DEFAULT_BATCH, *, bint vnet_hdr=False, bint gso=False, bint gro=False,
+                  int auto_rtprio=0):
         self.stop_fd = -1
         pthread_mutex_init(&self.encap_lock, NULL)
         self.live_encap = NULL
@@ -353,6 +399,13 @@ cdef class Datapath:
             raise ValueError(f"batch={batch} out of range 1..{MAX_BATCH}")
         if not 1 <= port <= 65535:
             raise ValueError(f"port={port} out of range 1..65535")
+        if not 0 <= auto_rtprio <= 99:
+            raise ValueError(f"auto_rtprio={auto_rtprio} out of range 0..99")
+        self.auto_rtprio = auto_rtprio
+        self.rt_threads = 0
+        self.rt_promotions = 0
+        self.rt_error = 0
+        self.sparse = 0
         self.core = core
         self.tun_fd = tun_fd
         self.udp_fd = udp_fd
@@ -419,16 +472,35 @@ cdef class Datapath:
 
     cdef loop(self, Encap* e, Decap* d):
         cdef PacketCore core = self.core
-        cdef int fail = 0, r, tun_ready, sock_ready
+        cdef int fail = 0, r, tun_ready, sock_ready, change
         cdef int stop_fd = self.stop_fd
         cdef int gso_logged = 0
+        cdef RtAuto rt
+        cdef uint64_t now
+        rt_init(&rt, self.auto_rtprio)
         with nogil:
             while True:
                 r = wait_any(e.tun if e != NULL else -1, d.sock if d != NULL else -1, stop_fd,
-                             &tun_ready, &sock_ready)
+                             &tun_ready, &sock_ready, RT_WINDOW_MS if rt.on else -1)
                 if r <= 0:
                     fail = 0 if r == 0 else (EBADF if r == -2 else errno)
                     break
+                if rt.prio:
+                    now = mono_ns()
+                    if now - rt.t0 >= RT_WINDOW_MS * 1000000:
+                        change = rt_tick(&rt, e, d, self.sparse, now)
+                        if change:
+                            FP_ATOMIC_ADD(&self.rt_threads, change)
+                            if change > 0:
+                                FP_ATOMIC_ADD(&self.rt_promotions, 1)
+                        if rt.err:
+                            with gil:
+                                self.rt_error = rt.err
+                                log.warning("auto real-time priority refused by the kernel: the data path "
+                                            "stays under normal scheduling", errno=rt.err,
+                                            error=os.strerror(rt.err),
+                                            hint="FLANNELPY_UDP_RTPRIO=0 silences this")
+                            rt.err = 0
                 if tun_ready:
                     pthread_mutex_lock(&self.encap_lock)
                     fail = encap_batch(e, core)
@@ -450,13 +522,183 @@ cdef class Datapath:
                                     errno=e.s.gso_error, error=os.strerror(e.s.gso_error))
                 if fail:
                     break
+        if rt.on:
+            FP_ATOMIC_ADD(&self.rt_threads, -1)
+        rt_close(&rt)
         if fail:
             raise OSError(fail, f"data path loop stopped: TUN/UDP error {fail}")
 
 
-cdef inline int wait_any(int tun, int sock, int stop_fd, int* tun_ready, int* sock_ready) noexcept nogil:
-    """Waits until the TUN or the socket (-1: not watched) is readable: 1 with the ready flags set; 0 stop
-    requested; -1 poll failed (errno); -2 an fd was closed under us (EBADF)."""
+cdef struct RtAuto:
+    int prio            # SCHED_RR priority while promoted; 0: auto mode off for this loop
+    int on              # the loop runs under SCHED_RR now
+    int stat_fd         # the loop thread's /proc/thread-self/schedstat
+    int err             # errno of a refused switch (auto mode then ends for this loop)
+    uint64_t t0         # the window's start and the counters then
+    uint64_t wait0
+    uint64_t segs0
+    uint64_t bulk0
+    uint64_t sparse0
+    unsigned int sparse_hist  # bit i: the window i ago saw sparse packets
+
+
+cdef inline uint64_t mono_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000000000 + <uint64_t>ts.tv_nsec
+
+
+cdef uint64_t thread_wait_ns(int fd) noexcept nogil:
+    """The calling thread's time spent runnable but waiting for a CPU (schedstat's second field), in ns."""
+    cdef char buf[96]
+    cdef ssize_t n = pread(fd, buf, sizeof(buf) - 1, 0)
+    cdef ssize_t i = 0
+    cdef uint64_t v = 0
+    if n <= 0:
+        return 0
+    while i < n and buf[i] != 32:
+        i += 1
+    i += 1
+    while i < n and 48 <= buf[i] <= 57:
+        v = v * 10 + <uint64_t>(buf[i] - 48)
+        i += 1
+    return v
+
+
+cdef inline uint32_t rt_flow(const unsigned char* p) noexcept nogil:
+    """A TCP packet's flow (addresses and ports) as a nonzero hash; p holds at least the IP header + 4."""
+    cdef int ihl = (p[0] & 15) * 4
+    cdef uint32_t h = (fp_rd32(p + 12) ^ (fp_rd32(p + 16) * <uint32_t>2654435761U)
+                       ^ (fp_rd32(p + ihl) * <uint32_t>40503U))
+    return h if h else 1
+
+
+cdef inline void rt_note_bulk(uint32_t* flows, const unsigned char* p) noexcept nogil:
+    """Remembers the flow of a TCP super-packet (the last RT_FLOWS of them)."""
+    cdef uint32_t h = rt_flow(p)
+    cdef int i
+    for i in range(RT_FLOWS):
+        if flows[i] == h:
+            return
+    for i in range(RT_FLOWS - 1, 0, -1):
+        flows[i] = flows[i - 1]
+    flows[0] = h
+
+
+cdef inline int rt_sparse(const uint32_t* flows, const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    """Whether a packet read alone from the TUN is traffic that would wait behind a bulk transfer: not TCP
+    (ping, DNS, other UDP), or TCP data of a flow that sent no super-packet lately (a request, a reply).
+    Pure ACKs are not, nor the lone segments of a bulk flow (the tail of each write, a retransmission)."""
+    cdef int ihl, i
+    cdef uint32_t h
+    if n < 20 or p[9] != 6:
+        return 1
+    ihl = (p[0] & 15) * 4
+    if n < ihl + 20:
+        return 1
+    if ((p[2] << 8) | p[3]) <= ihl + ((p[ihl + 12] >> 4) * 4):
+        return 0  # no payload: an ACK, a SYN, a FIN
+    h = rt_flow(p)
+    for i in range(RT_FLOWS):
+        if flows[i] == h:
+            return 0
+    return 1
+
+
+def rt_sparse_packets(packets: list) -> list:
+    """For tests: rt_sparse of each (bulk, packet) in order, bulk packets noted as super-packets first."""
+    cdef uint32_t flows[8]  # RT_FLOWS
+    cdef const unsigned char[::1] b
+    memset(flows, 0, sizeof(flows))
+    out = []
+    for bulk, packet in packets:
+        b = packet
+        if bulk:
+            rt_note_bulk(flows, &b[0])
+        else:
+            out.append(bool(rt_sparse(flows, &b[0], b.shape[0])))
+    return out
+
+
+cdef inline int rt_decide(int on, uint64_t segs, uint64_t bulk, uint64_t wait_ns, uint64_t window_ns,
+                          int sparse_windows) noexcept nogil:
+    # SCHED_RR costs a bulk transfer ~10% and a quarter more CPU per GB (the loop preempts the sender at
+    # every super-packet), so a loop takes it only where it pays (docs/benchmarks.md, "Real-time priority
+    # while it pays"): it carries a bulk TCP transfer (most packets are parts of super-packets) that makes it
+    # wait for a CPU a tenth of the time or more, while other traffic keeps coming (sparse packets in 3 of
+    # the last 10 windows: a ping, requests; not the few messages that start a transfer). It stays while
+    # both last; under SCHED_RR the waiting is gone, so that signal cannot hold it.
+    if not on:
+        return (segs >= RT_MIN_SEGS and 2 * bulk >= segs and 10 * wait_ns >= window_ns
+                and sparse_windows >= 3)
+    return 2 * segs >= RT_MIN_SEGS and 4 * bulk >= segs and sparse_windows >= 1
+
+
+def rt_decision(bint on, uint64_t segs, uint64_t bulk, uint64_t wait_ns, uint64_t window_ns,
+                int sparse_windows) -> bool:
+    """rt_decide for tests: whether a loop runs under SCHED_RR next, given the last window and in how many
+    of the last ten windows sparse packets came."""
+    return bool(rt_decide(on, segs, bulk, wait_ns, window_ns, sparse_windows))
+
+
+cdef void rt_init(RtAuto* rt, int prio) noexcept:
+    memset(rt, 0, sizeof(RtAuto))
+    rt.stat_fd = -1
+    if prio:
+        rt.stat_fd = c_open(b"/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC)
+        if rt.stat_fd >= 0:  # without it the waiting cannot be seen: never promote
+            rt.prio = prio
+            rt.t0 = mono_ns()
+            rt.wait0 = thread_wait_ns(rt.stat_fd)
+
+
+cdef void rt_close(RtAuto* rt) noexcept nogil:
+    cdef sched_param param
+    if rt.on:
+        param.sched_priority = 0
+        sched_setscheduler(0, SCHED_OTHER, &param)
+        rt.on = 0
+    if rt.stat_fd >= 0:
+        close(rt.stat_fd)
+        rt.stat_fd = -1
+
+
+cdef int rt_tick(RtAuto* rt, Encap* e, Decap* d, uint64_t sparse, uint64_t now) noexcept nogil:
+    """Ends a window: +1 promoted, -1 demoted, 0 unchanged (rt.err set if the kernel refused)."""
+    cdef uint64_t segs = 0, bulk = 0, wait
+    cdef int want, change = 0
+    cdef sched_param param
+    if e != NULL:
+        segs += e.segs
+        bulk += e.bulk
+    if d != NULL:
+        segs += d.segs
+        bulk += d.bulk
+    wait = thread_wait_ns(rt.stat_fd)
+    rt.sparse_hist = ((rt.sparse_hist << 1) | (sparse != rt.sparse0)) & ((1 << RT_HISTORY) - 1)
+    want = rt_decide(rt.on, segs - rt.segs0, bulk - rt.bulk0, wait - rt.wait0, now - rt.t0,
+                     __builtin_popcount(rt.sparse_hist))
+    if want != rt.on:
+        param.sched_priority = rt.prio if want else 0
+        if sched_setscheduler(0, SCHED_RR if want else SCHED_OTHER, &param) == 0:
+            rt.on = want
+            change = 1 if want else -1
+        else:
+            rt.err = errno
+            rt.prio = 0
+    rt.t0 = now
+    rt.wait0 = wait
+    rt.segs0 = segs
+    rt.bulk0 = bulk
+    rt.sparse0 = sparse
+    return change
+
+
+cdef inline int wait_any(int tun, int sock, int stop_fd, int* tun_ready, int* sock_ready,
+                         int timeout_ms) noexcept nogil:
+    """Waits until the TUN or the socket (-1: not watched) is readable or timeout_ms (-1: none) passed: 1
+    with the ready flags set (both 0 on a timeout); 0 stop requested; -1 poll failed (errno); -2 an fd
+    was closed under us (EBADF)."""
     cdef pollfd fds[3]
     cdef int r, n = 1, i
     fds[0].fd = stop_fd
@@ -472,15 +714,17 @@ cdef inline int wait_any(int tun, int sock, int stop_fd, int* tun_ready, int* so
     while True:
         for i in range(n):
             fds[i].revents = 0
-        r = poll(fds, n, -1)
+        r = poll(fds, n, timeout_ms)
         if r < 0:
             if errno == EINTR:
                 continue
             return -1
-        if fds[0].revents:
-            return 0
         tun_ready[0] = 0
         sock_ready[0] = 0
+        if r == 0:
+            return 1  # timed out: the caller looks at its window
+        if fds[0].revents:
+            return 0
         for i in range(1, n):
             if fds[i].revents & POLLNVAL:
                 return -2  # an fd was closed under us
@@ -504,6 +748,10 @@ cdef struct Encap:
     unsigned char* hdrs
     unsigned char* reply
     uint64_t* counts
+    uint64_t segs           # packets read, segments of super-packets counted one by one
+    uint64_t bulk           # of those, segments of TCP super-packets (a bulk transfer)
+    uint64_t* sparse        # the datapath's count of packets that are neither (see rt_sparse)
+    uint32_t flows[8]       # RT_FLOWS recent bulk flows
     Sender s
     unsigned char zero_vnet[16]
 
@@ -516,6 +764,7 @@ cdef int encap_init(Encap* e, Datapath dp) except -1:
     e.legacy = dp.bufsize
     e.slot = FP_VNET_LEN + 65536 if dp.vnet_hdr else dp.bufsize
     e.counts = &dp.core.counts[0]
+    e.sparse = &dp.sparse
     e.arena = <unsigned char*>malloc(ARENA)
     e.hdrs = <unsigned char*>malloc(HDR_SCRATCH)
     e.reply = <unsigned char*>calloc(1, ICMP_REPLY_MAX_C)
@@ -576,6 +825,10 @@ cdef int encap_batch(Encap* e, PacketCore core) noexcept nogil:
                 if bad >= 0:
                     counts[C_ENCAP_DROP + bad] += 1
                     continue
+                e.segs += t.nseg
+                if t.nseg > 1:
+                    e.bulk += t.nseg
+                    rt_note_bulk(e.flows, pkt)
                 stride = (t.hdr_len + 7) & ~7
                 for j in range(t.nseg):
                     if hused + stride > HDR_SCRATCH:
@@ -597,6 +850,9 @@ cdef int encap_batch(Encap* e, PacketCore core) noexcept nogil:
                     continue
             if m > e.legacy:
                 m = e.legacy  # as a read without vnet_hdr would: a too-long packet is a bad length
+        e.segs += 1
+        if rt_sparse(e.flows, pkt, m):
+            e.sparse[0] += 1
         v = core.encap_c(pkt, m, e.reply, &value)
         if v == V_FORWARD:
             sender_push(&e.s, counts, pkt, m, NULL, 0, value)
@@ -621,6 +877,8 @@ cdef struct Decap:
     unsigned char* ctrl
     fp_gro* run
     uint64_t* counts
+    uint64_t segs           # datagrams received
+    uint64_t bulk           # of those, written into the TUN as part of a TCP super-packet
     int wrote               # the last batch wrote something into the TUN
     unsigned char zero_vnet[16]
 
@@ -704,6 +962,7 @@ cdef int decap_batch(Decap* d, PacketCore core) noexcept nogil:
         sender = ntohl(d.addrs[i].sin_addr.s_addr)
         off = 0
         while True:
+            d.segs += 1
             seglen = n - off if n - off < g else g
             p = buf + off
             v = core.decap_c(p, seglen, sender, &value)
@@ -712,7 +971,7 @@ cdef int decap_batch(Decap* d, PacketCore core) noexcept nogil:
                 if d.coalesce:
                     hl = fp_gro_candidate(p, value)
                     if hl == 0 or d.run.nseg == 0 or not fp_gro_append(d.run, p, value, hl):
-                        gro_flush(d.run, d.tun, counts)
+                        d.bulk += gro_flush(d.run, d.tun, counts)
                         if hl:
                             fp_gro_start(d.run, p, value, hl)
                         else:
@@ -722,5 +981,5 @@ cdef int decap_batch(Decap* d, PacketCore core) noexcept nogil:
             off += g
             if off >= n:
                 break
-    gro_flush(d.run, d.tun, counts)  # the run points into bufs, which the next recvmmsg overwrites
+    d.bulk += gro_flush(d.run, d.tun, counts)  # the run points into bufs, which the next recvmmsg overwrites
     return 0

@@ -31,8 +31,10 @@ cdef extern from "offload.h" nogil:
         int nseg
     ctypedef struct fp_gro:
         int nseg
+        unsigned char proto  # 6 TCP, 17 UDP
         iovec iov[66]  # FP_GRO_MAX_SEGS + 2: Cython needs a literal size
     uint32_t fp_sum(const unsigned char* p, size_t n)
+    uint32_t fp_rd32(const unsigned char* p)
     void fp_vnet_read(const unsigned char* p, fp_vnet* h)
     void fp_vnet_write(unsigned char* p, const fp_vnet* h)
     int fp_csum_complete(unsigned char* pkt, size_t n, uint32_t start, uint32_t offset)

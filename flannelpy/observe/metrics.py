@@ -64,6 +64,10 @@ class NodeCollector:
         if node.last_event_at is not None:
             lag.add_metric([], time.time() - node.last_event_at)
         yield lag
+        realtime = getattr(node.backend, "realtime_threads", None) if getattr(node, "backend", None) else None
+        if realtime is not None:
+            yield GaugeMetricFamily("flannel_realtime_threads", "udp data-path loops running under SCHED_RR now "
+                                    "(FLANNELPY_UDP_RTPRIO)", value=realtime)
         info = InfoMetricFamily("flannel_backend", "Backend in use")
         if node.config is not None:
             info.add_metric([], {"type": node.config.backend.type, "version": __version__,

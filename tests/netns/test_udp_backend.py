@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -41,8 +43,8 @@ def test_flannel0_is_configured_like_flanneld(udp_pair: Pair) -> None:
     assert "10.99.0.1:8285" in listening
 
 
-def test_data_path_threads_keep_normal_scheduling_unless_sched_rr_is_asked_for(udp_pair: Pair) -> None:
-    for node in udp_pair.nodes:
+def test_data_path_threads_run_under_normal_scheduling_when_idle_and_sched_rr_if_asked_for(udp_pair: Pair) -> None:
+    for node in udp_pair.nodes:  # the default, auto: real-time only while it pays (see below)
         threads = node.call(op="sched")["sched"]
         assert threads and all(t == [os.SCHED_OTHER, 0] for t in threads), threads
     with contextlib.ExitStack() as stack:
@@ -51,6 +53,66 @@ def test_data_path_threads_keep_normal_scheduling_unless_sched_rr_is_asked_for(u
             threads = node.call(op="sched")["sched"]
             assert threads and all(t == [os.SCHED_RR, 1] for t in threads), threads
         assert ping(rt.containers[0], rt.container_ips[1], count=2).returncode == 0
+
+
+@contextlib.contextmanager
+def one_cpu(pids: list[int]) -> Iterator[int]:
+    """Every thread of these processes on one CPU, so that the data path surely waits for it; undone after."""
+    cpu = min(os.sched_getaffinity(0))
+    saved: dict[int, set[int]] = {}
+    for pid in pids:
+        for tid in map(int, os.listdir(f"/proc/{pid}/task")):
+            with contextlib.suppress(ProcessLookupError):
+                saved[tid] = os.sched_getaffinity(tid)
+                os.sched_setaffinity(tid, {cpu})
+    try:
+        yield cpu
+    finally:
+        for tid, cpus in saved.items():
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(tid, cpus)
+
+
+def iperf3_on(cpu: int, pair: Pair, seconds: int) -> None:
+    """A TCP bulk transfer container 1 -> container 2 with both ends on `cpu`."""
+    c1, c2 = pair.containers
+    server = subprocess.Popen(["ip", "netns", "exec", c2, "taskset", "-c", str(cpu), "iperf3", "-s", "-1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: "LISTEN" in nsexec(c2, "ss", "-ltn", "sport = :5201", check=False).stdout)
+        out = nsexec(c1, "taskset", "-c", str(cpu), "iperf3", "-c", pair.container_ips[1], "-t", str(seconds),
+                     "-J", check=False, timeout=seconds + 60)
+        assert json.loads(out.stdout)["end"]["sum_received"]["bytes"] > 0, out.stdout[-500:]
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+
+
+def test_auto_realtime_while_a_bulk_transfer_makes_other_traffic_wait(fresh_udp_pair: Pair) -> None:
+    """The default (FLANNELPY_UDP_RTPRIO=auto) on one CPU shared with a TCP transfer's two ends: the data
+    path takes SCHED_RR only while a ping has to get through too, and gives it back afterwards."""
+    pair = fresh_udp_pair
+
+    def promotions() -> list[int]:
+        return [node.counters()["realtime_promotions"] for node in pair.nodes]
+
+    def all_normal() -> bool:
+        return all(t == [os.SCHED_OTHER, 0] for node in pair.nodes for t in node.call(op="sched")["sched"])
+
+    with one_cpu([node.proc.pid for node in pair.nodes]) as cpu:
+        iperf3_on(cpu, pair, 3)  # the transfer alone: it would only lose throughput
+        assert promotions() == [0, 0]
+        pinger = subprocess.Popen(["ip", "netns", "exec", pair.containers[0], "ping", "-n", "-i", "0.05", "-w", "6",
+                                   pair.container_ips[1]], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            iperf3_on(cpu, pair, 4)
+        finally:
+            replies = pinger.communicate(timeout=30)[0].count("bytes from")
+        assert replies > 0
+        # Both hosts' loops carried the transfer (data one way, ACKs back) and the pings' two directions.
+        assert all(n >= 1 for n in promotions()), (promotions(), pair.nodes[0].logs()[-2000:])
+        assert wait_for(all_normal, timeout=10), [node.call(op="sched") for node in pair.nodes]
 
 
 def test_lease_value_has_no_backend_type(udp_pair: Pair) -> None:

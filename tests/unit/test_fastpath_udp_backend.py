@@ -12,7 +12,7 @@ import structlog.testing
 
 from flannelpy.backend.base import ExternalInterface, create_backend
 from flannelpy.backend.udp import UdpBackend
-from flannelpy.backend.udp.datapath import cgroup_cpu_limit, make_realtime
+from flannelpy.backend.udp.datapath import Realtime, cgroup_cpu_limit, make_realtime, probe_realtime
 from flannelpy.config import parse_config
 from flannelpy.subnet.lease import Lease, LeaseAttrs
 
@@ -105,18 +105,50 @@ def test_batch_by_argument_or_environment(monkeypatch: pytest.MonkeyPatch) -> No
         backend(batch=5000)
 
 
-def test_realtime_priority_only_when_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_realtime_priority_auto_unless_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FLANNELPY_UDP_RTPRIO", raising=False)
-    assert backend().rtprio == 0
-    assert backend(rtprio=1).rtprio == 1
+    assert backend().realtime == Realtime(1, auto=True) and backend().realtime.describe() == "auto"
+    assert backend(rtprio=0).realtime == Realtime(0) and backend(rtprio=0).realtime.describe() == "0"
+    assert backend(rtprio=1).realtime == Realtime(1)
     monkeypatch.setenv("FLANNELPY_UDP_RTPRIO", "2")
-    assert backend().rtprio == 2
-    assert backend(rtprio=0).rtprio == 0  # the argument wins
-    assert backend(datapath="python").rtprio == 0  # its loops hold the GIL: never above the control plane
+    assert backend().realtime == Realtime(2)
+    assert backend(rtprio="auto").realtime.auto  # the argument wins
+    monkeypatch.setenv("FLANNELPY_UDP_RTPRIO", " AUTO ")
+    assert backend().realtime == Realtime(1, auto=True)
+    assert backend(datapath="python").realtime == Realtime(0)  # its loops hold the GIL: never above the control plane
     for bad, words in (("high", "not a number"), ("100", "out of range")):
         monkeypatch.setenv("FLANNELPY_UDP_RTPRIO", bad)
         with pytest.raises(ValueError, match=f"FLANNELPY_UDP_RTPRIO.*{words}.*0 .normal scheduling"):
             backend()
+
+
+async def test_auto_realtime_stays_off_under_a_cpu_quota_or_without_permission(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    b = backend(rtprio="auto")
+    monkeypatch.setattr("flannelpy.backend.udp.backend.cgroup_cpu_limit", lambda: 0.5)
+    probes: list[int] = []
+    monkeypatch.setattr("flannelpy.backend.udp.backend.probe_realtime", lambda prio: probes.append(prio))
+    with structlog.testing.capture_logs() as logs:
+        assert await b._auto_rtprio() == 0  # a quota the real-time threads would escape
+    assert probes == [] and any("cgroup CPU quota" in e["event"] and e["cpus"] == 0.5 for e in logs)
+    monkeypatch.setattr("flannelpy.backend.udp.backend.cgroup_cpu_limit", lambda: None)
+    monkeypatch.setattr("flannelpy.backend.udp.backend.probe_realtime",
+                        lambda prio: "Operation not permitted (needs CAP_SYS_NICE)")
+    with structlog.testing.capture_logs() as logs:
+        assert await b._auto_rtprio() == 0
+    assert [e["error"] for e in logs if "real-time priority refused" in e["event"]] == [
+        "Operation not permitted (needs CAP_SYS_NICE)"]
+    monkeypatch.setattr("flannelpy.backend.udp.backend.probe_realtime", lambda prio: None)
+    assert await b._auto_rtprio() == 1
+    assert await backend(rtprio=0)._auto_rtprio() == 0 and await backend(rtprio=5)._auto_rtprio() == 0
+
+
+def test_probing_realtime_leaves_the_thread_under_normal_scheduling(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr("os.sched_setscheduler",
+                        lambda pid, policy, param: calls.append((policy, param.sched_priority)))
+    assert probe_realtime(1) is None
+    assert calls == [(os.SCHED_RR, 1), (os.SCHED_OTHER, 0)]
 
 
 def test_a_refused_realtime_priority_says_why_and_leaves_the_thread_as_it_was(

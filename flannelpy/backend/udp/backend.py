@@ -31,6 +31,8 @@ import structlog
 from flannelpy.backend.base import Backend, ExternalInterface
 from flannelpy.backend.udp.datapath import (
     Datapath,
+    Realtime,
+    cgroup_cpu_limit,
     choose_batch,
     choose_datapath,
     choose_rtprio,
@@ -39,6 +41,7 @@ from flannelpy.backend.udp.datapath import (
     loops,
     make_datapath,
     make_realtime,
+    probe_realtime,
 )
 from flannelpy.backend.udp.device import TunDevice
 from flannelpy.backend.udp.offload import Offloads, choose_offloads, enable_udp_gro, enable_udp_gso
@@ -62,7 +65,7 @@ class UdpBackend(Backend):
 
     def __init__(self, config: NetworkConfig, iface: ExternalInterface, *, datapath: str | None = None,
                  tun_name: str = "flannel0", batch: int | None = None, offload: bool | str | None = None,
-                 threads: int | None = None, rtprio: int | None = None) -> None:
+                 threads: int | None = None, rtprio: int | str | None = None) -> None:
         super().__init__(config, iface)
         if config.network is None:
             raise ConfigError("the udp backend needs an IPv4 Network in the config (EnableIPv4 with Network)")
@@ -72,7 +75,7 @@ class UdpBackend(Backend):
         self.batch = choose_batch(batch)
         self.threads = choose_threads(threads)
         # The pure-Python loops hold the GIL: at real-time priority they could starve the control plane.
-        self.rtprio = choose_rtprio(rtprio) if self.datapath_kind == "compiled" else 0
+        self.realtime = choose_rtprio(rtprio) if self.datapath_kind == "compiled" else Realtime()
         self._rt_warned = False
         self._rt_lock = threading.Lock()
         self.offloads_wanted = choose_offloads(offload, self.batch, self.datapath_kind)
@@ -115,7 +118,8 @@ class UdpBackend(Backend):
                             granted=self.offloads.describe())
             self.datapath = make_datapath(self.datapath_kind, self.core, self.tun.fd, self.sock.fileno(),
                                           self.port, self.batch, vnet_hdr=self.tun.vnet_hdr,
-                                          gso=self.offloads.gso, gro=self.offloads.gro)
+                                          gso=self.offloads.gso, gro=self.offloads.gro,
+                                          auto_rtprio=await self._auto_rtprio())
             for name, target in loops(self.datapath, self.threads):
                 t = threading.Thread(target=self._run_loop, args=(name, target), name=f"flannelpy-{name}",
                                      daemon=True)
@@ -126,7 +130,25 @@ class UdpBackend(Backend):
             raise
         log.info("udp backend started", device=self.tun.name, subnet=str(lease.subnet), mtu=self.mtu,
                  listen=f"{self.iface.ip}:{self.port}", datapath=self.datapath_kind, batch=self.batch,
-                 offloads=self.offloads.describe(), threads=self.threads, rtprio=self.rtprio)
+                 offloads=self.offloads.describe(), threads=self.threads, rtprio=self.realtime.describe())
+
+    async def _auto_rtprio(self) -> int:
+        """The priority for auto mode, or 0 where it cannot or must not be used (said once, at start)."""
+        rt = self.realtime
+        if not rt.auto:
+            return 0
+        limit = cgroup_cpu_limit()
+        if limit is not None:
+            # Real-time threads escape CFS bandwidth control: the quota the operator set would not hold.
+            log.info("data path stays under normal scheduling: a cgroup CPU quota applies", cpus=limit,
+                     hint="FLANNELPY_UDP_RTPRIO=1 overrides")
+            return 0
+        refused = await asyncio.to_thread(probe_realtime, rt.prio)
+        if refused:
+            log.info("data path stays under normal scheduling: real-time priority refused", error=refused,
+                     hint="FLANNELPY_UDP_RTPRIO=0 silences this")
+            return 0
+        return rt.prio
 
     def _bind(self) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -143,13 +165,13 @@ class UdpBackend(Backend):
         return sock
 
     def _run_loop(self, name: str, target: Callable[[], None]) -> None:
-        refused = make_realtime(self.rtprio)
+        refused = None if self.realtime.auto else make_realtime(self.realtime.prio)
         if refused:
             with self._rt_lock:  # one warning, not one per loop thread
                 first, self._rt_warned = not self._rt_warned, True
             if first:
                 log.warning("data path stays under normal scheduling: real-time priority refused",
-                            rtprio=self.rtprio, error=refused, hint="FLANNELPY_UDP_RTPRIO=0 silences this")
+                            rtprio=self.realtime.prio, error=refused, hint="FLANNELPY_UDP_RTPRIO=0 silences this")
         try:
             target()
         except BaseException as e:  # reported to run() on the event loop
@@ -224,4 +246,16 @@ class UdpBackend(Backend):
 
     def counters(self) -> dict[str, int]:
         counts: dict[str, int] = self.core.counters()
+        promotions = getattr(self.datapath, "rt_promotions", None)
+        if promotions is not None:  # the compiled data path: times a loop went to SCHED_RR in auto mode
+            counts["realtime_promotions"] = int(promotions)
         return counts
+
+    @property
+    def realtime_threads(self) -> int:
+        """Data-path loops under SCHED_RR right now (auto mode moves them; a fixed priority keeps them)."""
+        if self.datapath is None:
+            return 0
+        if not self.realtime.auto:
+            return len(self._threads) if self.realtime.prio and not self._rt_warned else 0
+        return int(getattr(self.datapath, "rt_threads", 0))

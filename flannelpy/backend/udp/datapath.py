@@ -13,6 +13,7 @@ import os
 import select
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -101,25 +102,44 @@ def choose_threads(threads: int | None) -> int:
     return int(raw)
 
 
-def choose_rtprio(rtprio: int | None) -> int:
-    """Real-time priority of the data-path threads: the argument, else FLANNELPY_UDP_RTPRIO, else 0 (normal
-    scheduling); 1..99 puts them under SCHED_RR at that priority.
+@dataclass(frozen=True)
+class Realtime:
+    """How the compiled data-path threads are scheduled: prio 0 normal scheduling; auto False SCHED_RR at prio
+    all the time; auto True SCHED_RR at prio only while a loop carries a bulk TCP transfer and waits for a CPU
+    (each loop decides for itself every 100 ms, fastpath/io.pyx)."""
 
-    A trade-off, measured on 2 cores (docs/benchmarks.md, "Latency under load"): at real-time priority a loop
-    runs as soon as a packet arrives, like the kernel's softirq, so other traffic no longer waits behind the
-    processes of a bulk transfer (ping under one TCP stream 2.5 -> 0.27 ms); but it also preempts whatever
-    produces the packets at every arrival, so batches shrink, CPU per GB rises by a third, the idle round trip
-    by a fifth, and a local flood's endpoints starve (64-byte rate 135 -> 42 kpps). Real-time threads are also
-    outside CFS bandwidth control (a cgroup's CPU quota does not hold them)."""
-    raw = str(rtprio if rtprio is not None else os.environ.get("FLANNELPY_UDP_RTPRIO") or "0").strip()
+    prio: int = 0
+    auto: bool = False
+
+    def describe(self) -> str:
+        return "auto" if self.auto else str(self.prio)
+
+
+def choose_rtprio(rtprio: int | str | None) -> Realtime:
+    """Real-time priority of the data-path threads: the argument, else FLANNELPY_UDP_RTPRIO, else auto.
+    0 normal scheduling; 1..99 SCHED_RR at that priority; auto SCHED_RR at priority 1 while it pays.
+
+    The trade-off, measured on 2 cores (docs/benchmarks.md, "Latency under load"): at real-time priority a
+    loop runs as soon as a packet arrives, like the kernel's softirq, so other traffic no longer waits behind
+    the processes of a bulk transfer (ping under one TCP stream 2.5 -> 0.27 ms); but it also preempts whatever
+    produces the packets at every arrival, so small-packet batches shrink, the idle round trip grows by a
+    fifth, and a local flood's endpoints starve (64-byte rate 135 -> 42 kpps). auto keeps the first and
+    avoids the rest: a loop goes to SCHED_RR only while most of its packets are parts of TCP super-packets
+    (a bulk transfer, already batched by the kernel) and it waited for a CPU a tenth of the time or more,
+    and back as soon as that ends. Real-time threads are outside CFS bandwidth control, so auto stays off
+    under a cgroup CPU quota (see Backend start); a fixed priority is the operator's explicit choice."""
+    raw = str(rtprio if rtprio is not None else os.environ.get("FLANNELPY_UDP_RTPRIO") or "auto").strip().lower()
+    if raw == "auto":
+        return Realtime(1, auto=True)
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"FLANNELPY_UDP_RTPRIO={raw!r} is not a number: use 0 (normal scheduling) or "
-                         "1..99 (SCHED_RR priority)") from None
+        raise ValueError(f"FLANNELPY_UDP_RTPRIO={raw!r} is not a number: use auto (SCHED_RR while a bulk "
+                         "transfer makes the data path wait), 0 (normal scheduling) or 1..99 (SCHED_RR "
+                         "priority)") from None
     if not 0 <= value <= 99:
-        raise ValueError(f"FLANNELPY_UDP_RTPRIO={value} out of range: use 0 (normal scheduling) or 1..99")
-    return value
+        raise ValueError(f"FLANNELPY_UDP_RTPRIO={value} out of range: use auto, 0 (normal scheduling) or 1..99")
+    return Realtime(value)
 
 
 def make_realtime(rtprio: int) -> str | None:
@@ -132,6 +152,15 @@ def make_realtime(rtprio: int) -> str | None:
     except OSError as e:
         return f"{e.strerror or e} (needs CAP_SYS_NICE and, with cgroup v1 RT groups, cpu.rt_runtime_us > 0)"
     return None
+
+
+def probe_realtime(rtprio: int) -> str | None:
+    """Whether the kernel lets the calling thread go to SCHED_RR at rtprio: None, or why not. The thread is
+    back under normal scheduling afterwards."""
+    refused = make_realtime(rtprio)
+    if refused is None:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    return refused
 
 
 def loops(datapath: Datapath, threads: int) -> tuple[tuple[str, Callable[[], None]], ...]:
@@ -157,15 +186,19 @@ def core_module(kind: str) -> Any:
 
 def make_datapath(kind: str, core: Any, tun_fd: int, udp_fd: int, port: int,
                   batch: int = DEFAULT_BATCH, *, vnet_hdr: bool = False, gso: bool = False,
-                  gro: bool = False) -> Datapath:
-    """vnet_hdr, gso, gro: what the TUN and the socket were given (compiled data path only)."""
+                  gro: bool = False, auto_rtprio: int = 0) -> Datapath:
+    """vnet_hdr, gso, gro: what the TUN and the socket were given; auto_rtprio: the SCHED_RR priority a loop
+    takes while it carries a bulk transfer, 0 never (compiled data path only)."""
     if kind == "python":
         if vnet_hdr or gso or gro:
             raise ValueError("the Python data path has no offloads (vnet_hdr, gso, gro)")
+        if auto_rtprio:
+            raise ValueError("the Python data path never runs at real-time priority (its loops hold the GIL)")
         return PythonDatapath(core, tun_fd, udp_fd, port, batch)
     from fastpath import io
 
-    dp: Datapath = io.Datapath(core, tun_fd, udp_fd, port, batch, vnet_hdr=vnet_hdr, gso=gso, gro=gro)
+    dp: Datapath = io.Datapath(core, tun_fd, udp_fd, port, batch, vnet_hdr=vnet_hdr, gso=gso, gro=gro,
+                               auto_rtprio=auto_rtprio)
     return dp
 
 
