@@ -46,3 +46,14 @@ def test_iptables_errors_are_counted_by_operation() -> None:
     body, _ = render_metrics(node, SimpleNamespace(reconnects=0))
     assert 'flannel_iptables_errors_total{op="read"} 3.0' in body
     assert 'flannel_iptables_errors_total{op="write"} 1.0' in body
+
+
+def test_realtime_loops_are_a_gauge_only_for_a_backend_that_has_them() -> None:
+    udp: Any = _Node(values={"realtime_promotions": 5}, routes=RouteTable(), lease=None, config=None,
+                     last_event_at=None, backend=SimpleNamespace(realtime_threads=2))
+    body, _ = render_metrics(udp, SimpleNamespace(reconnects=0))
+    assert "flannel_realtime_threads 2.0" in body
+    assert 'flannel_backend_events_total{name="realtime_promotions"} 5.0' in body
+    vxlan: Any = _Node(values={}, routes=RouteTable(), lease=None, config=None, last_event_at=None,
+                       backend=SimpleNamespace())
+    assert "flannel_realtime_threads" not in render_metrics(vxlan, SimpleNamespace(reconnects=0))[0]
