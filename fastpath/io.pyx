@@ -620,25 +620,35 @@ def rt_sparse_packets(packets: list) -> list:
     return out
 
 
-cdef inline int rt_decide(int on, uint64_t segs, uint64_t bulk, uint64_t wait_ns, uint64_t window_ns,
-                          int sparse_windows) noexcept nogil:
+cdef inline int rt_step(int on, unsigned int* hist, uint64_t segs, uint64_t bulk, uint64_t wait_ns,
+                        uint64_t window_ns, int sparse) noexcept nogil:
+    """Ends a window (segs packets, bulk of them parts of TCP super-packets, wait_ns runnable but not running,
+    sparse: other packets came): whether the loop runs under SCHED_RR in the next one."""
     # SCHED_RR costs a bulk transfer ~10% and a quarter more CPU per GB (the loop preempts the sender at
     # every super-packet), so a loop takes it only where it pays (docs/benchmarks.md, "Real-time priority
-    # while it pays"): it carries a bulk TCP transfer (most packets are parts of super-packets) that makes it
-    # wait for a CPU a tenth of the time or more, while other traffic keeps coming (sparse packets in 3 of
-    # the last 10 windows: a ping, requests; not the few messages that start a transfer). It stays while
-    # both last; under SCHED_RR the waiting is gone, so that signal cannot hold it.
+    # while it pays"): it carries a bulk TCP transfer (most packets parts of super-packets) that makes it wait
+    # for a CPU a tenth of the time or more, while other traffic keeps coming beside it (in 3 of the last 10
+    # windows of this transfer: a ping, requests; not the few messages that start a transfer, nor those that
+    # ended the one before: a window without a transfer clears the history). It stays while both last; under
+    # SCHED_RR the waiting is gone, so that signal cannot hold it.
+    cdef int transfer = 2 * segs >= RT_MIN_SEGS and 4 * bulk >= segs
+    hist[0] = ((hist[0] << 1) | <unsigned int>(sparse != 0)) & ((1 << RT_HISTORY) - 1) if transfer else 0
     if not on:
         return (segs >= RT_MIN_SEGS and 2 * bulk >= segs and 10 * wait_ns >= window_ns
-                and sparse_windows >= 3)
-    return 2 * segs >= RT_MIN_SEGS and 4 * bulk >= segs and sparse_windows >= 1
+                and __builtin_popcount(hist[0]) >= 3)
+    return transfer and hist[0] != 0
 
 
-def rt_decision(bint on, uint64_t segs, uint64_t bulk, uint64_t wait_ns, uint64_t window_ns,
-                int sparse_windows) -> bool:
-    """rt_decide for tests: whether a loop runs under SCHED_RR next, given the last window and in how many
-    of the last ten windows sparse packets came."""
-    return bool(rt_decide(on, segs, bulk, wait_ns, window_ns, sparse_windows))
+def rt_decisions(windows: list) -> list:
+    """For tests: a loop's SCHED_RR decisions over (segs, bulk, wait_ns, sparse) windows of 100 ms each,
+    starting under normal scheduling (every switch granted)."""
+    cdef int on = 0
+    cdef unsigned int hist = 0
+    out = []
+    for segs, bulk, wait_ns, sparse in windows:
+        on = rt_step(on, &hist, segs, bulk, wait_ns, RT_WINDOW_MS * 1000000, sparse)
+        out.append(bool(on))
+    return out
 
 
 cdef void rt_init(RtAuto* rt, int prio) noexcept:
@@ -675,9 +685,8 @@ cdef int rt_tick(RtAuto* rt, Encap* e, Decap* d, uint64_t sparse, uint64_t now) 
         segs += d.segs
         bulk += d.bulk
     wait = thread_wait_ns(rt.stat_fd)
-    rt.sparse_hist = ((rt.sparse_hist << 1) | (sparse != rt.sparse0)) & ((1 << RT_HISTORY) - 1)
-    want = rt_decide(rt.on, segs - rt.segs0, bulk - rt.bulk0, wait - rt.wait0, now - rt.t0,
-                     __builtin_popcount(rt.sparse_hist))
+    want = rt_step(rt.on, &rt.sparse_hist, segs - rt.segs0, bulk - rt.bulk0, wait - rt.wait0, now - rt.t0,
+                   sparse != rt.sparse0)
     if want != rt.on:
         param.sched_priority = rt.prio if want else 0
         if sched_setscheduler(0, SCHED_RR if want else SCHED_OTHER, &param) == 0:

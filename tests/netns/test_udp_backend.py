@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -73,20 +74,29 @@ def one_cpu(pids: list[int]) -> Iterator[int]:
                 os.sched_setaffinity(tid, cpus)
 
 
-def iperf3_on(cpu: int, pair: Pair, seconds: int) -> None:
-    """A TCP bulk transfer container 1 -> container 2 with both ends on `cpu`."""
+@contextlib.contextmanager
+def iperf3_on(cpu: int, pair: Pair, seconds: int) -> Iterator[None]:
+    """A TCP bulk transfer container 1 -> container 2, both ends on `cpu`, running while the block runs (and
+    then to its end: it must have moved data)."""
     c1, c2 = pair.containers
     server = subprocess.Popen(["ip", "netns", "exec", c2, "taskset", "-c", str(cpu), "iperf3", "-s", "-1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = None
     try:
         assert wait_for(lambda: "LISTEN" in nsexec(c2, "ss", "-ltn", "sport = :5201", check=False).stdout)
-        out = nsexec(c1, "taskset", "-c", str(cpu), "iperf3", "-c", pair.container_ips[1], "-t", str(seconds),
-                     "-J", check=False, timeout=seconds + 60)
-        assert json.loads(out.stdout)["end"]["sum_received"]["bytes"] > 0, out.stdout[-500:]
+        client = subprocess.Popen(["ip", "netns", "exec", c1, "taskset", "-c", str(cpu), "iperf3", "-c",
+                                   pair.container_ips[1], "-t", str(seconds), "-J"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True)
+        time.sleep(1)  # past its start
+        yield
+        out = client.communicate(timeout=seconds + 60)[0]
+        assert json.loads(out)["end"]["sum_received"]["bytes"] > 0, out[-500:]
     finally:
-        if server.poll() is None:
-            server.kill()
-        server.wait()
+        for proc in (client, server):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+            if proc is not None:
+                proc.wait()
 
 
 def test_auto_realtime_while_a_bulk_transfer_makes_other_traffic_wait(fresh_udp_pair: Pair) -> None:
@@ -101,17 +111,20 @@ def test_auto_realtime_while_a_bulk_transfer_makes_other_traffic_wait(fresh_udp_
         return all(t == [os.SCHED_OTHER, 0] for node in pair.nodes for t in node.call(op="sched")["sched"])
 
     with one_cpu([node.proc.pid for node in pair.nodes]) as cpu:
-        iperf3_on(cpu, pair, 3)  # the transfer alone: it would only lose throughput
-        assert promotions() == [0, 0]
+        with iperf3_on(cpu, pair, 4):
+            time.sleep(2)
+            assert promotions() == [0, 0]  # the transfer alone: real-time would only cost it throughput
+        assert wait_for(all_normal, timeout=10)
         pinger = subprocess.Popen(["ip", "netns", "exec", pair.containers[0], "ping", "-n", "-i", "0.05", "-w", "6",
                                    pair.container_ips[1]], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:
-            iperf3_on(cpu, pair, 4)
+            with iperf3_on(cpu, pair, 4):
+                time.sleep(2)
+                # Both hosts' loops carry the transfer (data one way, ACKs back) and the pings' two directions.
+                assert all(n >= 1 for n in promotions()), (promotions(), pair.nodes[0].logs()[-2000:])
         finally:
             replies = pinger.communicate(timeout=30)[0].count("bytes from")
         assert replies > 0
-        # Both hosts' loops carried the transfer (data one way, ACKs back) and the pings' two directions.
-        assert all(n >= 1 for n in promotions()), (promotions(), pair.nodes[0].logs()[-2000:])
         assert wait_for(all_normal, timeout=10), [node.call(op="sched") for node in pair.nodes]
 
 

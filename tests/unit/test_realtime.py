@@ -51,28 +51,50 @@ def test_truncated_packets_count_as_sparse_without_reading_past_them() -> None:
     assert io.rt_sparse_packets([(False, tcp[:19]), (False, tcp[:30])]) == [True, True]
 
 
-@pytest.mark.parametrize(("segs", "bulk", "wait_ms", "sparse_windows", "promoted"), [
-    (BULK, BULK - 900, 20, 3, True),    # a bulk transfer, the loop waits 20% for a CPU, pings keep coming
-    (BULK, BULK - 900, 20, 2, False),   # a transfer's opening messages are not a conversation
-    (BULK, BULK - 900, 5, 10, False),   # it hardly waits: nothing to win
-    (BULK, BULK // 3, 50, 10, False),   # mostly small packets (a flood): SCHED_RR would cut its batches short
-    (1500, 1500, 50, 10, False),        # too little traffic to call it a bulk transfer
-])
-def test_a_loop_is_promoted_only_where_it_pays(segs: int, bulk: int, wait_ms: int, sparse_windows: int,
-                                               promoted: bool) -> None:
-    assert io.rt_decision(False, segs, bulk, wait_ms * 1_000_000, WINDOW, sparse_windows) is promoted
+Window = tuple[int, int, int, bool]
 
 
-@pytest.mark.parametrize(("segs", "bulk", "sparse_windows", "stays"), [
-    (BULK, BULK - 900, 1, True),        # no waiting under SCHED_RR: the transfer and a ping a second hold it
-    (BULK, BULK // 3, 10, True),        # a quarter of super-packet segments still is the transfer
-    (BULK, BULK // 5, 10, False),       # the transfer gave way to small packets
-    (BULK, BULK - 900, 0, False),       # no other traffic for a second
-    (900, 900, 10, False),              # the transfer ended (or the loop is idle: woken by its poll timeout)
+def window(segs: int = BULK, bulk: int = BULK - 900, wait_ms: int = 20, sparse: bool = True) -> Window:
+    """One 100 ms window as a loop sees it; by default a bulk transfer, 20% waiting for a CPU, a ping beside."""
+    return (segs, bulk, wait_ms * 1_000_000, sparse)
+
+
+IDLE = window(segs=3, bulk=0, wait_ms=0, sparse=False)
+FLOOD = window(bulk=BULK // 3)  # mostly small packets: SCHED_RR would cut the flood's batches short
+
+
+def test_a_bulk_transfer_that_makes_a_ping_wait_promotes_on_the_third_window() -> None:
+    assert io.rt_decisions([window()] * 4) == [False, False, True, True]
+
+
+def test_a_transfer_alone_or_beside_its_own_opening_messages_is_never_promoted() -> None:
+    alone = [window(sparse=False)] * 20
+    assert not any(io.rt_decisions(alone))
+    # iperf3 runs back to back: the last window of one still a transfer when the results are exchanged, a
+    # pause for the next run's set-up, its opening messages beside its first data, then data alone.
+    run = [window(), *[window(sparse=False)] * 10, window(), window()]
+    assert not any(io.rt_decisions(run + [IDLE] * 3 + run + [IDLE] * 3 + run))
+
+
+@pytest.mark.parametrize(("name", "w"), [
+    ("it hardly waits: nothing to win", window(wait_ms=5)),
+    ("a flood of small packets", FLOOD),
+    ("too little traffic for a bulk transfer", window(segs=1500, bulk=1500)),
 ])
-def test_a_promoted_loop_stays_while_the_transfer_and_other_traffic_last(segs: int, bulk: int,
-                                                                         sparse_windows: int, stays: bool) -> None:
-    assert io.rt_decision(True, segs, bulk, 0, WINDOW, sparse_windows) is stays
+def test_no_promotion_where_it_would_not_pay(name: str, w: Window) -> None:
+    assert not any(io.rt_decisions([w] * 20)), name
+
+
+def test_a_promoted_loop_stays_without_waiting_and_steps_down_when_the_transfer_or_the_other_traffic_ends() -> None:
+    up = [window()] * 3
+    calm = window(wait_ms=0)  # under SCHED_RR the loop no longer waits: that must not demote it
+    assert io.rt_decisions(up + [calm] * 5 + [IDLE, IDLE])[-7:] == [True] * 5 + [False, False]
+    quiet = [window(wait_ms=0, sparse=False)] * 11  # the pings stopped: the history empties in a second
+    assert io.rt_decisions(up + quiet)[3:] == [True] * 9 + [False] * 2
+    one_ping_a_second = ([window(wait_ms=0, sparse=False)] * 9 + [window(wait_ms=0)]) * 3
+    assert all(io.rt_decisions(up + one_ping_a_second)[3:])  # once up, a ping a second holds it
+    assert io.rt_decisions([*up, FLOOD])[-1] is True  # a quarter of bulk segments still is the transfer
+    assert io.rt_decisions([*up, window(bulk=BULK // 5)])[-1] is False  # the transfer gave way to small packets
 
 
 def test_the_priority_is_checked() -> None:
