@@ -257,3 +257,19 @@ def test_unknown_offload_is_refused_with_the_choices(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("FLANNELPY_OFFLOAD", "tso,turbo")
     with pytest.raises(ValueError, match=r"turbo.*tso, gso, gro"):
         backend(datapath="compiled")
+
+
+def test_realtime_threads_and_promotions_as_the_data_path_reports_them() -> None:
+    from types import SimpleNamespace
+
+    auto = backend(rtprio="auto")
+    assert auto.realtime_threads == 0  # not started
+    auto.datapath = SimpleNamespace(rt_threads=1, rt_promotions=4)  # type: ignore[assignment]
+    assert auto.realtime_threads == 1 and auto.counters()["realtime_promotions"] == 4
+    fixed = backend(rtprio=3)
+    fixed.datapath = SimpleNamespace()  # type: ignore[assignment]
+    fixed._threads = [object(), object()]  # type: ignore[list-item]
+    assert fixed.realtime_threads == 2  # both loops set SCHED_RR when they started
+    fixed._rt_warned = True
+    assert fixed.realtime_threads == 0  # ... unless the kernel refused
+    assert "realtime_promotions" not in backend(datapath="python").counters()
