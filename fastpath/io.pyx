@@ -23,7 +23,7 @@ datagram on the wire still carries exactly one IPv4 packet of at most the MTU.
 
 cimport cython
 from libc.errno cimport EAGAIN, EBADF, EINTR, EINVAL, EIO, EPIPE, errno
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
 
@@ -178,6 +178,7 @@ cdef enum:
     RT_MIN_SEGS = 2000          # packets per window below which a loop is not carrying a bulk transfer
     RT_HISTORY = 10             # windows (1 s) over which a loop looks for sparse packets
     RT_FLOWS = 8                # bulk flows remembered (see rt_sparse)
+    RT_SPARSE_WINDOWS = 4       # of the last RT_HISTORY windows of a transfer, with sparse packets
 
 
 cdef struct Sender:
@@ -481,7 +482,7 @@ cdef class Datapath:
         with nogil:
             while True:
                 r = wait_any(e.tun if e != NULL else -1, d.sock if d != NULL else -1, stop_fd,
-                             &tun_ready, &sock_ready, RT_WINDOW_MS if rt.on else -1)
+                             &tun_ready, &sock_ready, rt_timeout(&rt, e, d))
                 if r <= 0:
                     fail = 0 if r == 0 else (EBADF if r == -2 else errno)
                     break
@@ -494,12 +495,13 @@ cdef class Datapath:
                             if change > 0:
                                 FP_ATOMIC_ADD(&self.rt_promotions, 1)
                         if rt.err:
-                            with gil:
-                                self.rt_error = rt.err
-                                log.warning("auto real-time priority refused by the kernel: the data path "
-                                            "stays under normal scheduling", errno=rt.err,
-                                            error=os.strerror(rt.err),
-                                            hint="FLANNELPY_UDP_RTPRIO=0 silences this")
+                            with gil:  # the start-up probe passed; said once, whichever loop saw it
+                                if self.rt_error == 0:
+                                    self.rt_error = rt.err
+                                    log.warning("auto real-time priority refused by the kernel: the data path "
+                                                "stays under normal scheduling", errno=rt.err,
+                                                error=os.strerror(rt.err),
+                                                hint="FLANNELPY_UDP_RTPRIO=0 silences this")
                             rt.err = 0
                 if tun_ready:
                     pthread_mutex_lock(&self.encap_lock)
@@ -539,7 +541,7 @@ cdef struct RtAuto:
     uint64_t segs0
     uint64_t bulk0
     uint64_t sparse0
-    unsigned int sparse_hist  # bit i: the window i ago saw sparse packets
+    unsigned int hist   # bit i: the window i ago, of the current transfer, saw sparse packets
 
 
 cdef inline uint64_t mono_ns() noexcept nogil:
@@ -627,28 +629,50 @@ cdef inline int rt_step(int on, unsigned int* hist, uint64_t segs, uint64_t bulk
     # SCHED_RR costs a bulk transfer ~10% and a quarter more CPU per GB (the loop preempts the sender at
     # every super-packet), so a loop takes it only where it pays (docs/benchmarks.md, "Real-time priority
     # while it pays"): it carries a bulk TCP transfer (most packets parts of super-packets) that makes it wait
-    # for a CPU a tenth of the time or more, while other traffic keeps coming beside it (in 3 of the last 10
-    # windows of this transfer: a ping, requests; not the few messages that start a transfer, nor those that
-    # ended the one before: a window without a transfer clears the history). It stays while both last; under
-    # SCHED_RR the waiting is gone, so that signal cannot hold it.
-    cdef int transfer = 2 * segs >= RT_MIN_SEGS and 4 * bulk >= segs
-    hist[0] = ((hist[0] << 1) | <unsigned int>(sparse != 0)) & ((1 << RT_HISTORY) - 1) if transfer else 0
+    # for a CPU a tenth of the time or more, while other traffic keeps coming beside it: in 4 of the last 10
+    # windows of this transfer (a ping, requests). Transfers in a row open and close with a few messages
+    # (iperf3's: up to 3 windows with them where one run ends and the next starts); a window without a
+    # transfer starts over. It stays while both last; under SCHED_RR the waiting is gone, so that signal
+    # cannot hold it.
+    # Rates, not counts: a loop that slept ends its window late (at its next wake-up).
+    cdef uint64_t per_window = RT_MIN_SEGS * window_ns // (RT_WINDOW_MS * 1000000)
+    cdef int transfer = 2 * segs >= per_window and 4 * bulk >= segs
+    if transfer:
+        hist[0] = ((hist[0] << 1) | <unsigned int>(sparse != 0)) & ((1 << RT_HISTORY) - 1)
+    else:
+        hist[0] = 0
     if not on:
-        return (segs >= RT_MIN_SEGS and 2 * bulk >= segs and 10 * wait_ns >= window_ns
-                and __builtin_popcount(hist[0]) >= 3)
+        return (segs >= per_window and 2 * bulk >= segs and 10 * wait_ns >= window_ns
+                and __builtin_popcount(hist[0]) >= RT_SPARSE_WINDOWS)
     return transfer and hist[0] != 0
 
 
 def rt_decisions(windows: list) -> list:
-    """For tests: a loop's SCHED_RR decisions over (segs, bulk, wait_ns, sparse) windows of 100 ms each,
-    starting under normal scheduling (every switch granted)."""
+    """For tests: a loop's SCHED_RR decisions over (segs, bulk, wait_ns, sparse[, window_ms]) windows (100 ms
+    unless given), starting under normal scheduling (every switch granted)."""
     cdef int on = 0
     cdef unsigned int hist = 0
     out = []
-    for segs, bulk, wait_ns, sparse in windows:
-        on = rt_step(on, &hist, segs, bulk, wait_ns, RT_WINDOW_MS * 1000000, sparse)
+    for w in windows:
+        segs, bulk, wait_ns, sparse = w[:4]
+        on = rt_step(on, &hist, segs, bulk, wait_ns, (w[4] if len(w) > 4 else RT_WINDOW_MS) * 1000000, sparse)
         out.append(bool(on))
     return out
+
+
+cdef inline uint64_t rt_segs(Encap* e, Decap* d) noexcept nogil:
+    return (e.segs if e != NULL else 0) + (d.segs if d != NULL else 0)
+
+
+cdef inline int rt_timeout(RtAuto* rt, Encap* e, Decap* d) noexcept nogil:
+    """How long the loop may sleep (ms, -1 for ever): until its window ends if that window saw packets or
+    the loop is real-time, so that a window closes on time even when the traffic stops (and a real-time
+    loop that falls idle steps down); for ever if it is idle under normal scheduling."""
+    cdef int64_t left
+    if rt.prio == 0 or (not rt.on and rt_segs(e, d) == rt.segs0):
+        return -1
+    left = <int64_t>(rt.t0 + RT_WINDOW_MS * 1000000) - <int64_t>mono_ns()
+    return <int>(left // 1000000) + 1 if left > 0 else 0
 
 
 cdef void rt_init(RtAuto* rt, int prio) noexcept:
@@ -675,17 +699,15 @@ cdef void rt_close(RtAuto* rt) noexcept nogil:
 
 cdef int rt_tick(RtAuto* rt, Encap* e, Decap* d, uint64_t sparse, uint64_t now) noexcept nogil:
     """Ends a window: +1 promoted, -1 demoted, 0 unchanged (rt.err set if the kernel refused)."""
-    cdef uint64_t segs = 0, bulk = 0, wait
+    cdef uint64_t segs = rt_segs(e, d), bulk = 0, wait
     cdef int want, change = 0
     cdef sched_param param
     if e != NULL:
-        segs += e.segs
         bulk += e.bulk
     if d != NULL:
-        segs += d.segs
         bulk += d.bulk
     wait = thread_wait_ns(rt.stat_fd)
-    want = rt_step(rt.on, &rt.sparse_hist, segs - rt.segs0, bulk - rt.bulk0, wait - rt.wait0, now - rt.t0,
+    want = rt_step(rt.on, &rt.hist, segs - rt.segs0, bulk - rt.bulk0, wait - rt.wait0, now - rt.t0,
                    sparse != rt.sparse0)
     if want != rt.on:
         param.sched_priority = rt.prio if want else 0

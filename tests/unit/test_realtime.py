@@ -63,17 +63,23 @@ IDLE = window(segs=3, bulk=0, wait_ms=0, sparse=False)
 FLOOD = window(bulk=BULK // 3)  # mostly small packets: SCHED_RR would cut the flood's batches short
 
 
-def test_a_bulk_transfer_that_makes_a_ping_wait_promotes_on_the_third_window() -> None:
-    assert io.rt_decisions([window()] * 4) == [False, False, True, True]
+def test_a_bulk_transfer_that_makes_a_ping_wait_promotes_on_the_fourth_window() -> None:
+    assert io.rt_decisions([window()] * 5) == [False, False, False, True, True]
+    pings_every_200_ms = [window(), window(sparse=False)] * 4
+    assert io.rt_decisions(pings_every_200_ms)[-2:] == [True, True]
 
 
 def test_a_transfer_alone_or_beside_its_own_opening_messages_is_never_promoted() -> None:
     alone = [window(sparse=False)] * 20
     assert not any(io.rt_decisions(alone))
-    # iperf3 runs back to back: the last window of one still a transfer when the results are exchanged, a
-    # pause for the next run's set-up, its opening messages beside its first data, then data alone.
-    run = [window(), *[window(sparse=False)] * 10, window(), window()]
-    assert not any(io.rt_decisions(run + [IDLE] * 3 + run + [IDLE] * 3 + run))
+    # iperf3 runs back to back, as the daemons saw them: the last windows of one and the first of the next
+    # carry their closing and opening messages, with or without a quiet window between them.
+    run = [window(), *[window(sparse=False)] * 30, window(), window(sparse=False), window()]
+    assert not any(io.rt_decisions(run + run + [IDLE] + run + [IDLE] * 3 + run))
+    # A loop that slept through the pause ends the window of the last run's tail at its next wake-up, a
+    # second later: the tail is then no transfer, and the history starts over.
+    tail_after_sleep = (2500, 2400, 0, True, 1100)
+    assert not any(io.rt_decisions([*run, tail_after_sleep, *run]))
 
 
 @pytest.mark.parametrize(("name", "w"), [
@@ -86,13 +92,13 @@ def test_no_promotion_where_it_would_not_pay(name: str, w: Window) -> None:
 
 
 def test_a_promoted_loop_stays_without_waiting_and_steps_down_when_the_transfer_or_the_other_traffic_ends() -> None:
-    up = [window()] * 3
+    up = [window()] * 4
     calm = window(wait_ms=0)  # under SCHED_RR the loop no longer waits: that must not demote it
-    assert io.rt_decisions(up + [calm] * 5 + [IDLE, IDLE])[-7:] == [True] * 5 + [False, False]
+    assert io.rt_decisions(up + [calm] * 5 + [IDLE, IDLE])[-8:] == [True] * 6 + [False, False]
     quiet = [window(wait_ms=0, sparse=False)] * 11  # the pings stopped: the history empties in a second
-    assert io.rt_decisions(up + quiet)[3:] == [True] * 9 + [False] * 2
+    assert io.rt_decisions(up + quiet)[-12:] == [True] * 10 + [False] * 2
     one_ping_a_second = ([window(wait_ms=0, sparse=False)] * 9 + [window(wait_ms=0)]) * 3
-    assert all(io.rt_decisions(up + one_ping_a_second)[3:])  # once up, a ping a second holds it
+    assert all(io.rt_decisions(up + one_ping_a_second)[len(up) - 1:])  # once up, a ping a second holds it
     assert io.rt_decisions([*up, FLOOD])[-1] is True  # a quarter of bulk segments still is the transfer
     assert io.rt_decisions([*up, window(bulk=BULK // 5)])[-1] is False  # the transfer gave way to small packets
 
