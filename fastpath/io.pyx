@@ -478,7 +478,7 @@ cdef class Datapath:
         cdef int gso_logged = 0
         cdef RtAuto rt
         cdef uint64_t now
-        rt_init(&rt, self.auto_rtprio)
+        rt_init(&rt, self.auto_rtprio, self.sparse)
         with nogil:
             while True:
                 r = wait_any(e.tun if e != NULL else -1, d.sock if d != NULL else -1, stop_fd,
@@ -675,9 +675,10 @@ cdef inline int rt_timeout(RtAuto* rt, Encap* e, Decap* d) noexcept nogil:
     return <int>(left // 1000000) + 1 if left > 0 else 0
 
 
-cdef void rt_init(RtAuto* rt, int prio) noexcept:
+cdef void rt_init(RtAuto* rt, int prio, uint64_t sparse) noexcept:
     memset(rt, 0, sizeof(RtAuto))
     rt.stat_fd = -1
+    rt.sparse0 = sparse
     if prio:
         rt.stat_fd = c_open(b"/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC)
         if rt.stat_fd >= 0:  # without it the waiting cannot be seen: never promote
