@@ -154,6 +154,17 @@ async def test_reservation_is_never_renewed() -> None:
     assert kv is not None and kv.lease == 0
 
 
+async def keep_and_watch(m: SubnetManager, lease: Lease) -> tuple[asyncio.Task[None], asyncio.Task[None]]:
+    """keep_lease and a consumer of watch_leases running, both past their start."""
+    async def consume() -> None:
+        async for _ in m.watch_leases(CONFIG, lease):
+            pass
+
+    tasks = asyncio.create_task(m.keep_lease(lease)), asyncio.create_task(consume())
+    await asyncio.sleep(0.05)
+    return tasks
+
+
 async def own_deleted_while_watching(reservation: bool) -> None:
     clock = FakeClock()
     reg = MemoryRegistry(clock)
@@ -162,14 +173,7 @@ async def own_deleted_while_watching(reservation: bool) -> None:
     # Real sleep: keep_lease waits ~23 h unless the watch wakes it.
     m = SubnetManager(reg, PREFIX, clock=clock)
     lease = await m.acquire_lease(CONFIG, ME)
-    keeper = asyncio.create_task(m.keep_lease(lease))
-
-    async def consume() -> None:
-        async for _ in m.watch_leases(CONFIG, lease):
-            pass
-
-    watcher = asyncio.create_task(consume())
-    await asyncio.sleep(0.05)
+    keeper, watcher = await keep_and_watch(m, lease)
     await reg.delete(SUBNETS + lease.key)
     for task in (keeper, watcher):
         with pytest.raises(LeaseRevokedError, match="Lease has been revoked"):
@@ -183,14 +187,7 @@ async def test_own_lease_gone_with_its_etcd_lease_is_recreated_not_revoked() -> 
     reg = MemoryRegistry(clock)
     m = SubnetManager(reg, PREFIX, clock=clock)
     lease = await m.acquire_lease(CONFIG, ME)
-    keeper = asyncio.create_task(m.keep_lease(lease))
-
-    async def consume() -> None:
-        async for _ in m.watch_leases(CONFIG, lease):
-            pass
-
-    watcher = asyncio.create_task(consume())
-    await asyncio.sleep(0.05)
+    keeper, watcher = await keep_and_watch(m, lease)
     await reg.revoke_lease(lease.etcd_lease_id)  # deletes the key with the lease
     kv = None
     for _ in range(100):
