@@ -128,8 +128,12 @@ cdef extern from "<sys/eventfd.h>" nogil:
 cdef extern from *:
     """
     #define FP_ATOMIC_ADD(p, v) __atomic_add_fetch((p), (v), __ATOMIC_RELAXED)
+    #define FP_ATOMIC_OR(p, v) __atomic_or_fetch((p), (v), __ATOMIC_RELAXED)
+    #define FP_ATOMIC_AND(p, v) __atomic_and_fetch((p), (v), __ATOMIC_RELAXED)
     """
     long FP_ATOMIC_ADD(long* p, long v) nogil
+    int FP_ATOMIC_OR(int* p, int v) nogil
+    int FP_ATOMIC_AND(int* p, int v) nogil
     int __builtin_popcount(unsigned int x) nogil
     enum:
         EFD_CLOEXEC
@@ -386,6 +390,7 @@ cdef class Datapath:
     cdef readonly long rt_promotions  # times a loop went to SCHED_RR (auto mode)
     cdef readonly int rt_error  # errno that switched auto mode off (the kernel refused SCHED_RR), 0 if none
     cdef uint64_t sparse  # packets read from the TUN that are not bulk (rt_sparse), under encap_lock
+    cdef int rt_votes  # loops whose own rule wants SCHED_RR (bit 1 the encap or only loop, bit 2 decap)
     cdef int stop_fd
     cdef pthread_mutex_t encap_lock  # one TUN reader at a time, so packets leave in the order they were read
     cdef Encap* live_encap  # the encap loop's state while it runs, for the decap loop's hand-off
@@ -407,6 +412,7 @@ cdef class Datapath:
         self.rt_promotions = 0
         self.rt_error = 0
         self.sparse = 0
+        self.rt_votes = 0
         self.core = core
         self.tun_fd = tun_fd
         self.udp_fd = udp_fd
@@ -478,7 +484,7 @@ cdef class Datapath:
         cdef int gso_logged = 0
         cdef RtAuto rt
         cdef uint64_t now
-        rt_init(&rt, self.auto_rtprio, self.sparse)
+        rt_init(&rt, self.auto_rtprio, self.sparse, 1 if e != NULL else 2)
         with nogil:
             while True:
                 r = wait_any(e.tun if e != NULL else -1, d.sock if d != NULL else -1, stop_fd,
@@ -489,7 +495,7 @@ cdef class Datapath:
                 if rt.prio:
                     now = mono_ns()
                     if now - rt.t0 >= RT_WINDOW_MS * 1000000:
-                        change = rt_tick(&rt, e, d, self.sparse, now)
+                        change = rt_tick(&rt, e, d, self.sparse, now, &self.rt_votes)
                         if change:
                             FP_ATOMIC_ADD(&self.rt_threads, change)
                             if change > 0:
@@ -526,7 +532,7 @@ cdef class Datapath:
                     break
         if rt.on:
             FP_ATOMIC_ADD(&self.rt_threads, -1)
-        rt_close(&rt)
+        rt_close(&rt, &self.rt_votes)
         if fail:
             raise OSError(fail, f"data path loop stopped: TUN/UDP error {fail}")
 
@@ -534,6 +540,8 @@ cdef class Datapath:
 cdef struct RtAuto:
     int prio            # SCHED_RR priority while promoted; 0: auto mode off for this loop
     int on              # the loop runs under SCHED_RR now
+    int vote            # its own rule wants it (with two loops, either one's vote promotes both)
+    int bit             # its bit in the datapath's votes
     int stat_fd         # the loop thread's /proc/thread-self/schedstat
     int err             # errno of a refused switch (auto mode then ends for this loop)
     uint64_t t0         # the window's start and the counters then
@@ -675,10 +683,11 @@ cdef inline int rt_timeout(RtAuto* rt, Encap* e, Decap* d) noexcept nogil:
     return <int>(left // 1000000) + 1 if left > 0 else 0
 
 
-cdef void rt_init(RtAuto* rt, int prio, uint64_t sparse) noexcept:
+cdef void rt_init(RtAuto* rt, int prio, uint64_t sparse, int bit) noexcept:
     memset(rt, 0, sizeof(RtAuto))
     rt.stat_fd = -1
     rt.sparse0 = sparse
+    rt.bit = bit
     if prio:
         rt.stat_fd = c_open(b"/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC)
         if rt.stat_fd >= 0:  # without it the waiting cannot be seen: never promote
@@ -687,8 +696,9 @@ cdef void rt_init(RtAuto* rt, int prio, uint64_t sparse) noexcept:
             rt.wait0 = thread_wait_ns(rt.stat_fd)
 
 
-cdef void rt_close(RtAuto* rt) noexcept nogil:
+cdef void rt_close(RtAuto* rt, int* votes) noexcept nogil:
     cdef sched_param param
+    FP_ATOMIC_AND(votes, ~rt.bit)
     if rt.on:
         param.sched_priority = 0
         sched_setscheduler(0, SCHED_OTHER, &param)
@@ -698,8 +708,10 @@ cdef void rt_close(RtAuto* rt) noexcept nogil:
         rt.stat_fd = -1
 
 
-cdef int rt_tick(RtAuto* rt, Encap* e, Decap* d, uint64_t sparse, uint64_t now) noexcept nogil:
-    """Ends a window: +1 promoted, -1 demoted, 0 unchanged (rt.err set if the kernel refused)."""
+cdef int rt_tick(RtAuto* rt, Encap* e, Decap* d, uint64_t sparse, uint64_t now, int* votes) noexcept nogil:
+    """Ends a window: +1 promoted, -1 demoted, 0 unchanged (rt.err set if the kernel refused). With a loop
+    per direction, the one carrying the transfer decides for both: the other one carries its ACKs and the
+    other traffic's answers, which would wait there as before."""
     cdef uint64_t segs = rt_segs(e, d), bulk = 0, wait
     cdef int want, change = 0
     cdef sched_param param
@@ -708,8 +720,12 @@ cdef int rt_tick(RtAuto* rt, Encap* e, Decap* d, uint64_t sparse, uint64_t now) 
     if d != NULL:
         bulk += d.bulk
     wait = thread_wait_ns(rt.stat_fd)
-    want = rt_step(rt.on, &rt.hist, segs - rt.segs0, bulk - rt.bulk0, wait - rt.wait0, now - rt.t0,
-                   sparse != rt.sparse0)
+    rt.vote = rt_step(rt.vote, &rt.hist, segs - rt.segs0, bulk - rt.bulk0, wait - rt.wait0, now - rt.t0,
+                      sparse != rt.sparse0)
+    if rt.vote:
+        want = FP_ATOMIC_OR(votes, rt.bit) != 0
+    else:
+        want = FP_ATOMIC_AND(votes, ~rt.bit) != 0
     if want != rt.on:
         param.sched_priority = rt.prio if want else 0
         if sched_setscheduler(0, SCHED_RR if want else SCHED_OTHER, &param) == 0:
@@ -718,6 +734,8 @@ cdef int rt_tick(RtAuto* rt, Encap* e, Decap* d, uint64_t sparse, uint64_t now) 
         else:
             rt.err = errno
             rt.prio = 0
+            rt.vote = 0
+            FP_ATOMIC_AND(votes, ~rt.bit)
     rt.t0 = now
     rt.wait0 = wait
     rt.segs0 = segs

@@ -114,6 +114,9 @@ def check_auto_realtime(pair: Pair) -> None:
     def promotions() -> list[int]:
         return [node.counters()["realtime_promotions"] for node in pair.nodes]
 
+    def all_realtime() -> bool:
+        return all(t == [os.SCHED_RR, 1] for node in pair.nodes for t in node.call(op="sched")["sched"])
+
     def all_normal() -> bool:
         return all(t == [os.SCHED_OTHER, 0] for node in pair.nodes for t in node.call(op="sched")["sched"])
 
@@ -127,8 +130,10 @@ def check_auto_realtime(pair: Pair) -> None:
         try:
             with iperf3_on(cpu, pair, 4):
                 time.sleep(2)
-                # Both hosts' loops carry the transfer (data one way, ACKs back) and the pings' two directions.
+                # Both hosts' loops carry the transfer (data one way, ACKs back) and the pings' two directions;
+                # with a loop per direction, the one carrying the transfer takes the other along.
                 assert all(n >= 1 for n in promotions()), (promotions(), pair.nodes[0].logs()[-2000:])
+                assert wait_for(all_realtime, timeout=3), [node.call(op="sched") for node in pair.nodes]
         finally:
             replies = pinger.communicate(timeout=30)[0].count("bytes from")
         assert replies > 0
