@@ -105,8 +105,8 @@ def choose_threads(threads: int | None) -> int:
 @dataclass(frozen=True)
 class Realtime:
     """How the compiled data-path threads are scheduled: prio 0 normal scheduling; auto False SCHED_RR at prio
-    all the time; auto True SCHED_RR at prio only while a loop carries a bulk TCP transfer and waits for a CPU
-    (each loop decides for itself every 100 ms, fastpath/io.pyx)."""
+    all the time; auto True SCHED_RR at prio only while a loop carries a bulk TCP transfer, waits for a CPU and
+    other traffic keeps coming beside the transfer (decided every 100 ms, fastpath/io.pyx rt_step)."""
 
     prio: int = 0
     auto: bool = False
@@ -123,11 +123,13 @@ def choose_rtprio(rtprio: int | str | None) -> Realtime:
     loop runs as soon as a packet arrives, like the kernel's softirq, so other traffic no longer waits behind
     the processes of a bulk transfer (ping under one TCP stream 2.5 -> 0.27 ms); but it also preempts whatever
     produces the packets at every arrival, so small-packet batches shrink, the idle round trip grows by a
-    fifth, and a local flood's endpoints starve (64-byte rate 135 -> 42 kpps). auto keeps the first and
-    avoids the rest: a loop goes to SCHED_RR only while most of its packets are parts of TCP super-packets
-    (a bulk transfer, already batched by the kernel) and it waited for a CPU a tenth of the time or more,
-    and back as soon as that ends. Real-time threads are outside CFS bandwidth control, so auto stays off
-    under a cgroup CPU quota (see Backend start); a fixed priority is the operator's explicit choice."""
+    fifth, and a local flood's endpoints starve (64-byte rate 135 -> 42 kpps); held through a lone bulk
+    transfer, it costs that transfer ~10%. auto keeps the first and avoids the rest: a loop goes to SCHED_RR
+    only while most of its packets are parts of TCP super-packets (a bulk transfer, already batched by the
+    kernel), it waited for a CPU a tenth of the time or more, and other traffic (a ping, requests) keeps
+    coming beside the transfer; back as soon as that ends. Real-time threads are outside CFS bandwidth
+    control, so auto stays off under a cgroup CPU quota (UdpBackend start); a fixed priority is the
+    operator's explicit choice."""
     raw = str(rtprio if rtprio is not None else os.environ.get("FLANNELPY_UDP_RTPRIO") or "auto").strip().lower()
     if raw == "auto":
         return Realtime(1, auto=True)
