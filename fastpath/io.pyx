@@ -19,6 +19,10 @@ buffers are split by the cmsg's segment size, and (with vnet_hdr) consecutive TC
 or equal-size UDP datagrams of one flow, are coalesced into one super-packet for the TUN. Every segment goes through the packet core on its
 own, so routes, TTL, ICMP, ingress checks and counters are per packet as without offloads, and each
 datagram on the wire still carries exactly one IPv4 packet of at most the MTU.
+
+Auto real-time (auto_rtprio > 0, FLANNELPY_UDP_RTPRIO=auto): every 100 ms each loop counts what it moved
+(segments of TCP super-packets, other packets read alone from the TUN) and reads its own run-queue wait, and
+rt_step decides whether it runs under SCHED_RR for the next window; with two loops either one's vote takes both.
 """
 
 cimport cython
