@@ -10,6 +10,7 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -138,6 +139,58 @@ def check_auto_realtime(pair: Pair) -> None:
             replies = pinger.communicate(timeout=30)[0].count("bytes from")
         assert replies > 0
         assert wait_for(all_normal, timeout=10), [node.call(op="sched") for node in pair.nodes]
+
+
+CPU_CGROUPS = Path("/sys/fs/cgroup/cpu")  # cgroup v1's cpu hierarchy, where RT groups are
+REFUSED = "auto real-time priority refused by the kernel"
+
+
+@contextlib.contextmanager
+def rt_refusing_cgroup(name: str) -> Iterator[Path]:
+    """A new cgroup v1 cpu group (cpu.rt_runtime_us 0, the default for a new group): its threads cannot go to
+    SCHED_RR. Whatever is left in it is moved back to the root group and the group removed afterwards."""
+    if not (CPU_CGROUPS / "cpu.rt_runtime_us").exists():
+        pytest.skip("needs the cgroup v1 cpu controller with RT group scheduling")
+    group = CPU_CGROUPS / name
+    group.mkdir()
+    try:
+        assert (group / "cpu.rt_runtime_us").read_text().strip() == "0"
+        yield group
+    finally:
+        for pid in (group / "cgroup.procs").read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                (CPU_CGROUPS / "cgroup.procs").write_text(pid)
+        group.rmdir()
+
+
+@pytest.mark.parametrize("mode", ["compiled@1", "compiled@2"])
+def test_auto_realtime_refused_while_running_is_said_once_and_traffic_flows(mode: str) -> None:
+    """The kernel lets the daemon take SCHED_RR at start (the probe passes) and refuses it later: both
+    daemons are moved into a cgroup v1 group without real-time runtime, as an operator's cgroup set-up can."""
+    prefix = new_prefix()
+    with contextlib.ExitStack() as stack:
+        group = stack.enter_context(rt_refusing_cgroup(prefix))
+        pair = build_pair(prefix, mode, stack)
+        for node in pair.nodes:
+            assert "real-time priority refused" not in node.logs()  # the start-up probe passed
+            (group / "cgroup.procs").write_text(str(node.proc.pid))
+        with one_cpu([node.proc.pid for node in pair.nodes]) as cpu:
+            pinger = subprocess.Popen(["ip", "netns", "exec", pair.containers[0], "ping", "-n", "-i", "0.05", "-w",
+                                       "6", pair.container_ips[1]], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                      text=True)
+            try:
+                with iperf3_on(cpu, pair, 4):  # which asserts the transfer moved data
+                    # What promotes every loop of both hosts in the test above is refused here.
+                    assert wait_for(lambda: all(REFUSED in node.logs() for node in pair.nodes), timeout=4), \
+                        [node.logs()[-1500:] for node in pair.nodes]
+                    assert all(t == [os.SCHED_OTHER, 0] for node in pair.nodes for t in node.call(op="sched")["sched"])
+            finally:
+                replies = pinger.communicate(timeout=30)[0].count("bytes from")
+        assert replies > 60  # of 120: answered all along, not only before the refusal
+        for node in pair.nodes:
+            assert node.logs().count(REFUSED) == 1, node.logs()[-2000:]  # once per daemon, whichever loop saw it
+            assert node.counters()["realtime_promotions"] == 0
+        assert ping(pair.containers[0], pair.container_ips[1], count=2).returncode == 0
 
 
 def test_lease_value_has_no_backend_type(udp_pair: Pair) -> None:
