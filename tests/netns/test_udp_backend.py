@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,19 +126,29 @@ def check_auto_realtime(pair: Pair) -> None:
             time.sleep(2)
             assert promotions() == [0, 0]  # the transfer alone: real-time would only cost it throughput
         assert wait_for(all_normal, timeout=10)
-        pinger = subprocess.Popen(["ip", "netns", "exec", pair.containers[0], "ping", "-n", "-i", "0.05", "-w", "6",
-                                   pair.container_ips[1]], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        try:
-            with iperf3_on(cpu, pair, 4):
-                time.sleep(2)
-                # Both hosts' loops carry the transfer (data one way, ACKs back) and the pings' two directions;
-                # with a loop per direction, the one carrying the transfer takes the other along.
-                assert all(n >= 1 for n in promotions()), (promotions(), pair.nodes[0].logs()[-2000:])
-                assert wait_for(all_realtime, timeout=3), [node.call(op="sched") for node in pair.nodes]
-        finally:
-            replies = pinger.communicate(timeout=30)[0].count("bytes from")
-        assert replies > 0
+
+        def promoted() -> None:
+            time.sleep(2)
+            # Both hosts' loops carry the transfer (data one way, ACKs back) and the pings' two directions;
+            # with a loop per direction, the one carrying the transfer takes the other along.
+            assert all(n >= 1 for n in promotions()), (promotions(), pair.nodes[0].logs()[-2000:])
+            assert wait_for(all_realtime, timeout=3), [node.call(op="sched") for node in pair.nodes]
+
+        assert ping_beside_a_transfer(pair, cpu, promoted) > 0
         assert wait_for(all_normal, timeout=10), [node.call(op="sched") for node in pair.nodes]
+
+
+def ping_beside_a_transfer(pair: Pair, cpu: int, during: Callable[[], None]) -> int:
+    """A ping every 50 ms for 6 s from container 1 to container 2 and, beside it, a 4 s TCP transfer the same
+    way (iperf3_on); during() runs while both do. The number of ping replies."""
+    pinger = subprocess.Popen(["ip", "netns", "exec", pair.containers[0], "ping", "-n", "-i", "0.05", "-w", "6",
+                               pair.container_ips[1]], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        with iperf3_on(cpu, pair, 4):
+            during()
+    finally:
+        replies = pinger.communicate(timeout=30)[0].count("bytes from")
+    return replies
 
 
 CPU_CGROUPS = Path("/sys/fs/cgroup/cpu")  # cgroup v1's cpu hierarchy, where RT groups are
@@ -174,18 +184,15 @@ def test_auto_realtime_refused_while_running_is_said_once_and_traffic_flows(mode
         for node in pair.nodes:
             assert "real-time priority refused" not in node.logs()  # the start-up probe passed
             (group / "cgroup.procs").write_text(str(node.proc.pid))
+
+        def refused() -> None:
+            # What promotes every loop of both hosts in the test above is refused here.
+            assert wait_for(lambda: all(REFUSED in node.logs() for node in pair.nodes), timeout=4), \
+                [node.logs()[-1500:] for node in pair.nodes]
+            assert all(t == [os.SCHED_OTHER, 0] for node in pair.nodes for t in node.call(op="sched")["sched"])
+
         with one_cpu([node.proc.pid for node in pair.nodes]) as cpu:
-            pinger = subprocess.Popen(["ip", "netns", "exec", pair.containers[0], "ping", "-n", "-i", "0.05", "-w",
-                                       "6", pair.container_ips[1]], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                      text=True)
-            try:
-                with iperf3_on(cpu, pair, 4):  # which asserts the transfer moved data
-                    # What promotes every loop of both hosts in the test above is refused here.
-                    assert wait_for(lambda: all(REFUSED in node.logs() for node in pair.nodes), timeout=4), \
-                        [node.logs()[-1500:] for node in pair.nodes]
-                    assert all(t == [os.SCHED_OTHER, 0] for node in pair.nodes for t in node.call(op="sched")["sched"])
-            finally:
-                replies = pinger.communicate(timeout=30)[0].count("bytes from")
+            replies = ping_beside_a_transfer(pair, cpu, refused)  # the transfer must move data too (iperf3_on)
         assert replies > 60  # of 120: answered all along, not only before the refusal
         for node in pair.nodes:
             assert node.logs().count(REFUSED) == 1, node.logs()[-2000:]  # once per daemon, whichever loop saw it
