@@ -162,7 +162,10 @@ def rt_refusing_cgroup(name: str) -> Iterator[Path]:
     if not (CPU_CGROUPS / "cpu.rt_runtime_us").exists():
         pytest.skip("needs the cgroup v1 cpu controller with RT group scheduling")
     group = CPU_CGROUPS / name
-    group.mkdir()
+    try:
+        group.mkdir()
+    except OSError as e:  # a read-only or delegated hierarchy: nothing to test here, not a failure of ours
+        pytest.skip(f"cannot create a cgroup under {CPU_CGROUPS}: {e}")
     try:
         assert (group / "cpu.rt_runtime_us").read_text().strip() == "0"
         yield group
