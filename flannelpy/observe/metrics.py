@@ -64,10 +64,15 @@ class NodeCollector:
         if node.last_event_at is not None:
             lag.add_metric([], time.time() - node.last_event_at)
         yield lag
-        realtime = getattr(node.backend, "realtime_threads", None) if getattr(node, "backend", None) else None
+        backend = getattr(node, "backend", None)
+        realtime = getattr(backend, "realtime_threads", None) if backend else None
         if realtime is not None:
             yield GaugeMetricFamily("flannel_realtime_threads", "udp data-path loops running under SCHED_RR now "
                                     "(FLANNELPY_UDP_RTPRIO)", value=realtime)
+            # Without this a refusal after start shows only as 0 threads, which is also what an idle path shows.
+            yield GaugeMetricFamily("flannel_realtime_refused", "1 if the kernel refused SCHED_RR to the udp data "
+                                    "path (it runs under normal scheduling; the log says why)",
+                                    value=1 if getattr(backend, "realtime_refused", None) else 0)
         info = InfoMetricFamily("flannel_backend", "Backend in use")
         if node.config is not None:
             info.add_metric([], {"type": node.config.backend.type, "version": __version__,

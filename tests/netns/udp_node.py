@@ -80,7 +80,8 @@ async def main(spec: dict[str, Any]) -> None:
                 say({"counters": backend.counters(), "failed": runner.done()})
             elif cmd["op"] == "sched":  # each data-path thread's (policy, priority), as the kernel has them
                 say({"sched": [(os.sched_getscheduler(t.native_id), os.sched_getparam(t.native_id).sched_priority)
-                               for t in backend._threads if t.native_id is not None]})
+                               for t in backend._threads if t.native_id is not None],
+                     "refused": backend.realtime_refused})
             elif cmd["op"] == "stop":
                 break
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from ipaddress import IPv4Address, IPv4Network
@@ -131,6 +132,7 @@ async def test_auto_realtime_stays_off_under_a_cpu_quota_or_without_permission(
     with structlog.testing.capture_logs() as logs:
         assert await b._auto_rtprio() == 0  # a quota the real-time threads would escape
     assert probes == [] and any("cgroup CPU quota" in e["event"] and e["cpus"] == 0.5 for e in logs)
+    assert b.realtime_refused is None  # our own choice, not a refusal
     monkeypatch.setattr("flannelpy.backend.udp.backend.cgroup_cpu_limit", lambda: None)
     monkeypatch.setattr("flannelpy.backend.udp.backend.probe_realtime",
                         lambda prio: "Operation not permitted (needs CAP_SYS_NICE)")
@@ -138,6 +140,7 @@ async def test_auto_realtime_stays_off_under_a_cpu_quota_or_without_permission(
         assert await b._auto_rtprio() == 0
     assert [e["error"] for e in logs if "real-time priority refused" in e["event"]] == [
         "Operation not permitted (needs CAP_SYS_NICE)"]
+    assert b.realtime_refused == "Operation not permitted (needs CAP_SYS_NICE)"  # flannel_realtime_refused 1
     monkeypatch.setattr("flannelpy.backend.udp.backend.probe_realtime", lambda prio: None)
     assert await b._auto_rtprio() == 1
     assert await backend(rtprio=0)._auto_rtprio() == 0 and await backend(rtprio=5)._auto_rtprio() == 0
@@ -270,6 +273,19 @@ def test_realtime_threads_and_promotions_as_the_data_path_reports_them() -> None
     fixed.datapath = SimpleNamespace()  # type: ignore[assignment]
     fixed._threads = [object(), object()]  # type: ignore[list-item]
     assert fixed.realtime_threads == 2  # both loops set SCHED_RR when they started
-    fixed._rt_warned = True
+    assert fixed.realtime_refused is None
+    fixed._rt_refused = "Operation not permitted (needs CAP_SYS_NICE)"
     assert fixed.realtime_threads == 0  # ... unless the kernel refused
-    assert "realtime_promotions" not in backend(datapath="python").counters()
+    assert fixed.realtime_refused == "Operation not permitted (needs CAP_SYS_NICE)"
+    python = backend(datapath="python")
+    assert "realtime_promotions" not in python.counters() and python.realtime_refused is None
+
+
+def test_a_refusal_after_start_is_reported_from_the_data_path() -> None:
+    from types import SimpleNamespace
+
+    auto = backend(rtprio="auto")
+    auto.datapath = SimpleNamespace(rt_threads=0, rt_promotions=0, rt_error=0)  # type: ignore[assignment]
+    assert auto.realtime_refused is None
+    auto.datapath.rt_error = errno.EPERM  # type: ignore[attr-defined]  # set by a loop whose switch failed
+    assert auto.realtime_refused == "Operation not permitted (errno 1), after start"

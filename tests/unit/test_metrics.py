@@ -53,7 +53,12 @@ def test_realtime_loops_are_a_gauge_only_for_a_backend_that_has_them() -> None:
                      last_event_at=None, backend=SimpleNamespace(realtime_threads=2))
     body, _ = render_metrics(udp, SimpleNamespace(reconnects=0))
     assert "flannel_realtime_threads 2.0" in body
+    assert "flannel_realtime_refused 0.0" in body
     assert 'flannel_backend_events_total{name="realtime_promotions"} 5.0' in body
+    udp.backend = SimpleNamespace(realtime_threads=0, realtime_refused="Operation not permitted (errno 1), after start")
+    body, _ = render_metrics(udp, SimpleNamespace(reconnects=0))
+    assert "flannel_realtime_threads 0.0" in body and "flannel_realtime_refused 1.0" in body
     vxlan: Any = _Node(values={}, routes=RouteTable(), lease=None, config=None, last_event_at=None,
                        backend=SimpleNamespace())
-    assert "flannel_realtime_threads" not in render_metrics(vxlan, SimpleNamespace(reconnects=0))[0]
+    body = render_metrics(vxlan, SimpleNamespace(reconnects=0))[0]
+    assert "flannel_realtime_threads" not in body and "flannel_realtime_refused" not in body

@@ -20,6 +20,7 @@ The constructor's datapath=, batch=, offload=, threads= and rtprio= take precede
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 from collections.abc import Callable
@@ -76,7 +77,7 @@ class UdpBackend(Backend):
         self.threads = choose_threads(threads)
         # The pure-Python loops hold the GIL: at real-time priority they could starve the control plane.
         self.realtime = choose_rtprio(rtprio) if self.datapath_kind == "compiled" else Realtime()
-        self._rt_warned = False
+        self._rt_refused: str | None = None  # why the kernel refused SCHED_RR at start, if it did
         self._rt_lock = threading.Lock()
         self.offloads_wanted = choose_offloads(offload, self.batch, self.datapath_kind)
         self.offloads = Offloads()  # what the kernel granted, known after start()
@@ -145,6 +146,7 @@ class UdpBackend(Backend):
             return 0
         refused = await asyncio.to_thread(probe_realtime, rt.prio)
         if refused:
+            self._rt_refused = refused
             log.info("data path stays under normal scheduling: real-time priority refused", error=refused,
                      hint="FLANNELPY_UDP_RTPRIO=0 silences this")
             return 0
@@ -168,7 +170,8 @@ class UdpBackend(Backend):
         refused = None if self.realtime.auto else make_realtime(self.realtime.prio)
         if refused:
             with self._rt_lock:  # one warning, not one per loop thread
-                first, self._rt_warned = not self._rt_warned, True
+                first = self._rt_refused is None
+                self._rt_refused = refused
             if first:
                 log.warning("data path stays under normal scheduling: real-time priority refused",
                             rtprio=self.realtime.prio, error=refused, hint="FLANNELPY_UDP_RTPRIO=0 silences this")
@@ -257,5 +260,16 @@ class UdpBackend(Backend):
         if self.datapath is None:
             return 0
         if not self.realtime.auto:
-            return len(self._threads) if self.realtime.prio and not self._rt_warned else 0
+            return len(self._threads) if self.realtime.prio and self._rt_refused is None else 0
         return int(getattr(self.datapath, "rt_threads", 0))
+
+    @property
+    def realtime_refused(self) -> str | None:
+        """Why the kernel refused SCHED_RR (at start, or later in auto mode), or None: then the data path runs
+        under normal scheduling whatever FLANNELPY_UDP_RTPRIO asks."""
+        if self._rt_refused is not None:
+            return self._rt_refused
+        err = int(getattr(self.datapath, "rt_error", 0) or 0)
+        # The start-up probe passed and a later switch failed, e.g. the daemon was moved into a cgroup v1
+        # group without real-time runtime.
+        return f"{os.strerror(err)} (errno {err}), after start" if err else None
