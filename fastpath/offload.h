@@ -232,11 +232,14 @@ typedef struct {
 } fp_gro;
 
 /* The header length of a packet that may start or join a run, or 0. IPv4 without options, DF, not a
- * fragment, and a transport checksum that verifies (a corrupted packet is written alone for the kernel
- * to drop, never hidden inside a super-packet), then either TCP with ACK and data and no SYN/RST/URG,
- * or UDP with data, a length that matches and a checksum (not 0). */
+ * fragment, an IP header checksum and a transport checksum that verify (a corrupted packet is written
+ * alone for the kernel to drop, never hidden inside a super-packet, whose IP header is rebuilt from the
+ * first one's), then either TCP with ACK and data and no SYN/RST/URG, or UDP with data, a length that
+ * matches and a checksum (not 0). */
 static inline int fp_gro_candidate(const uint8_t *p, int n) {
     if (n < 29 || p[0] != 0x45 || (fp_rd16(p + 6) & 0xBFFF) != 0 || !(p[6] & 0x40))
+        return 0;
+    if (fp_sum(p, 20) != 0xFFFF)
         return 0;
     if ((int)fp_rd16(p + 2) != n)
         return 0;

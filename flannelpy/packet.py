@@ -74,10 +74,12 @@ class RouteTable:
 
     def __init__(self, network: int, prefix_len: int, subnet_len: int) -> None:
         _check_addr("network", network)
-        if not 0 <= prefix_len <= 30 or not prefix_len <= subnet_len <= 32:
+        # subnet_len >= 1: a slot index is (address - network) >> (32 - subnet_len), and a shift by 32 is
+        # undefined in C (x86 would shift by 0 and index past the table).
+        if not 0 <= prefix_len <= 30 or not max(prefix_len, 1) <= subnet_len <= 32:
             raise ValueError(
                 f"network prefix /{prefix_len} and subnet length /{subnet_len} do not fit: "
-                "need 0 <= prefix <= 30 and prefix <= subnet length <= 32"
+                "need 0 <= prefix <= 30, prefix <= subnet length <= 32 and subnet length >= 1"
             )
         if subnet_len - prefix_len > 24:
             raise ValueError(

@@ -260,6 +260,27 @@ def test_a_corrupted_segment_is_written_alone_for_the_kernel_to_drop() -> None:
     check_coalesced([out[0], out[2]], good[:3] + good[4:])
 
 
+def damaged_ip_header(pkt: bytes) -> bytes:
+    bad = bytearray(pkt)
+    bad[10] ^= 0x5A  # the IP header checksum no longer verifies; the transport checksum still does
+    return bytes(bad)
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_a_packet_with_a_damaged_ip_header_is_written_alone_for_the_kernel_to_drop(proto: str) -> None:
+    # A super-packet's IP header is rebuilt from its first packet's: a damaged one inside it would pass.
+    if proto == "tcp":
+        good = [seg(1000 + 100 * i) for i in range(5)]
+    else:
+        good = [udp_packet(bytes([i]) * 100) for i in range(5)]
+    pkts = [*good[:2], damaged_ip_header(good[2]), *good[3:]]
+    out = offload.gro_coalesce(pkts)
+    assert [o[VNET:] for o in out][1] == pkts[2] and len(out) == 3
+    assert [vnet_fields(o)[1] != offload.GSO_NONE for o in out] == [True, False, True]
+    assert offload.gro_coalesce([damaged_ip_header(p) for p in good]) == [
+        offload.vnet_header() + damaged_ip_header(p) for p in good]
+
+
 def test_psh_or_fin_ends_a_run_and_a_short_segment_too() -> None:
     segs = [seg(1000), seg(1100, flags=ACK | PSH), seg(1200), seg(1300, data=b"y" * 50), seg(1350)]
     out = offload.gro_coalesce(segs)

@@ -130,6 +130,7 @@ def test_route_table_peer_set_survives_churn(impl: ModuleType) -> None:
     ((ip("10.10.0.1"), 16, 24), "host bits"),
     ((NET, 16, 42), "subnet length"),
     ((ip("10.0.0.0"), 4, 30), "2**24"),
+    ((0, 0, 0), "subnet length >= 1"),  # one slot for every address: a shift by 32 in C
 ])
 def test_route_table_rejects_bad_shapes(impl: ModuleType, args: tuple[int, int, int], problem: str) -> None:
     with pytest.raises(ValueError, match=problem.replace("*", r"\*")):
