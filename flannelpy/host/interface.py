@@ -112,7 +112,8 @@ def match_regex(links: list[Link], pattern: str) -> tuple[Link, IPv4Address]:
 async def _read_links(ipr: AsyncIPRoute) -> list[Link]:
     addrs: dict[int, list[IPv4Address]] = {}
     async for msg in await ipr.addr("dump", family=socket.AF_INET):
-        value = msg.get("address") or msg.get("local")
+        # On a point-to-point address IFA_ADDRESS is the far end; IFA_LOCAL is always ours.
+        value = msg.get("local") or msg.get("address")
         if value:
             addrs.setdefault(int(msg["index"]), []).append(IPv4Address(value))
     links = [

@@ -205,3 +205,26 @@ def test_unreachable_can_reach_target_is_an_error(bare):
     ns, _ = bare
     err = select(ns, can_reach="172.31.0.1")["error"]
     assert "--iface-can-reach 172.31.0.1: no route to this address" in err
+
+
+@pytest.fixture
+def p2p() -> Iterator[tuple[str, str]]:
+    """A namespace whose link has a point-to-point address (OpenVPN, GRE, PPP): 10.66.0.1 peer 10.66.0.2."""
+    p = _prefix()
+    ns = f"{p}p2p"
+    ip("netns", "add", ns)
+    try:
+        ip("-n", ns, "link", "add", f"{p}t", "type", "veth", "peer", "name", f"{p}tp")
+        ip("-n", ns, "addr", "add", "10.66.0.1", "peer", "10.66.0.2/32", "dev", f"{p}t")
+        ip("-n", ns, "link", "set", f"{p}t", "up")
+        yield ns, p
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+def test_a_point_to_point_link_announces_its_own_address_not_the_far_end(p2p):
+    ns, p = p2p
+    for how in ({"ifaces": [f"{p}t"]}, {"ifaces": ["10.66.0.1"]}, {"regexes": [r"^10\.66\.0\.1$"]}):
+        r = select(ns, **how)
+        assert (r.get("name"), r.get("ip"), r.get("public_ip")) == (f"{p}t", "10.66.0.1", "10.66.0.1"), (how, r)
+    assert "error" in select(ns, ifaces=["10.66.0.2"])  # the far end is not an address of this host
