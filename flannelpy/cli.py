@@ -99,8 +99,9 @@ def _normalise(argv: Sequence[str]) -> list[str]:
 
 
 def daemon_parser() -> argparse.ArgumentParser:
+    # No prefix abbreviations: Go's flag package has none (--v would otherwise be taken for --version).
     p = argparse.ArgumentParser(
-        prog="flannelpy",
+        prog="flannelpy", allow_abbrev=False,
         description="flannel overlay network daemon (flanneld-compatible flags; FLANNELD_<FLAG> env vars). "
         "Verbs: config get|set, leases, mk-docker-opts, demo.",
     )
@@ -113,7 +114,7 @@ def daemon_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument(f"--{f.name}", dest=f.dest, default=None, type=f.kind,
                            help=f"{f.help} (default {f.default!r})")
-    p.add_argument("-v", dest="v", type=int, nargs="?", const=1, default=None,
+    p.add_argument("-v", "--v", dest="v", type=int, nargs="?", const=1, default=None,
                    help="log verbosity (0 = info; 2 and more = debug); env FLANNELD_V")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
@@ -128,7 +129,7 @@ def parse_daemon_args(argv: Sequence[str], environ: dict[str, str] | None = None
         if getattr(ns, f.dest) is not None:
             continue
         raw = env.get(f.env)
-        if raw is None:
+        if not raw:  # unset or empty: flanneld (flagutil.SetFlagsFromEnv) skips empty values too
             setattr(ns, f.dest, list(f.default) if f.repeat else f.default)
             continue
         try:
@@ -140,7 +141,10 @@ def parse_daemon_args(argv: Sequence[str], environ: dict[str, str] | None = None
             p.error(f"environment variable {f.env}={raw!r}: {e}")
         setattr(ns, f.dest, value)
     if ns.v is None:
-        ns.v = int(env.get("FLANNELD_V", "0") or 0)
+        try:
+            ns.v = int(env.get("FLANNELD_V", "0") or 0)
+        except ValueError:
+            p.error(f"environment variable FLANNELD_V={env['FLANNELD_V']!r}: not a number (log verbosity, 0 = info)")
     if ns.log_format not in ("text", "json"):
         p.error(f"--log-format={ns.log_format!r}: use text or json")
     return ns
@@ -157,11 +161,11 @@ def _registry_from(ns: argparse.Namespace) -> Any:
 
 
 def _client_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"flannelpy {prog}")
+    p = argparse.ArgumentParser(prog=f"flannelpy {prog}", allow_abbrev=False)
     for name in ("etcd-endpoints", "etcd-prefix", "etcd-cafile", "etcd-certfile", "etcd-keyfile",
                  "etcd-username", "etcd-password"):
         f = next(x for x in FLAGS if x.name == name)
-        p.add_argument(f"--{name}", dest=f.dest, default=os.environ.get(f.env, f.default), help=f.help)
+        p.add_argument(f"--{name}", dest=f.dest, default=os.environ.get(f.env) or f.default, help=f.help)
     return p
 
 

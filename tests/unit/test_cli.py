@@ -43,6 +43,27 @@ def test_environment_fills_in_and_command_line_wins() -> None:
     assert ns.subnet_file == "/tmp/cli.env"
 
 
+def test_an_empty_environment_variable_is_as_if_unset() -> None:
+    # As flanneld: an empty FLANNELD_SUBNET_FILE must not mean "write no subnet file", nor an empty
+    # FLANNELD_IPTABLES_FORWARD_RULES "no forward rules" (a unit file's Environment=X= with nothing after it).
+    env = {f.env: "" for f in FLAGS} | {"FLANNELD_V": ""}
+    assert vars(parse_daemon_args([], environ=env)) == vars(parse_daemon_args([], environ={}))
+
+
+def test_go_style_v_flag_and_no_abbreviations(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_daemon_args(["--v=2"], environ={}).v == 2
+    assert parse_daemon_args(["-v=3"], environ={}).v == 3
+    with pytest.raises(SystemExit):
+        parse_daemon_args(["--etcd-pre=/x"], environ={})  # Go's flag package knows no prefixes
+    assert "unrecognized arguments: --etcd-pre=/x" in capsys.readouterr().err
+
+
+def test_bad_verbosity_in_environment_names_the_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_daemon_args([], environ={"FLANNELD_V": "x"})
+    assert exc.value.code == 2 and "FLANNELD_V='x': not a number" in capsys.readouterr().err
+
+
 def test_every_flag_has_an_environment_variable() -> None:
     for flag in FLAGS:
         assert flag.env == "FLANNELD_" + flag.name.upper().replace("-", "_")
@@ -66,3 +87,13 @@ def test_version_goes_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--version"]) == 0
     out = capsys.readouterr()
     assert out.out.strip() and out.err == ""
+
+
+def test_the_etcd_client_verbs_take_empty_variables_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flannelpy.cli import _client_parser
+
+    monkeypatch.setenv("FLANNELD_ETCD_PREFIX", "")
+    monkeypatch.setenv("FLANNELD_ETCD_ENDPOINTS", "")
+    ns = _client_parser("leases").parse_args([])
+    assert ns.etcd_prefix == "/coreos.com/network"
+    assert ns.etcd_endpoints == "http://127.0.0.1:4001,http://127.0.0.1:2379"
