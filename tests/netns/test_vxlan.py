@@ -16,6 +16,7 @@ import pytest
 
 from flannelpy.backend.vxlan import VxlanBackend
 from flannelpy.config import parse_config
+from flannelpy.errors import FlannelError
 from flannelpy.lab.topology import Topology
 from flannelpy.subnet.lease import Lease, LeaseAttrs
 from tests.netns.kernel_lab import NETWORK, Node, Nodes, js, ping, resynced, routes, sh, subnet_of, three_hosts
@@ -309,3 +310,9 @@ async def test_direct_routing_uses_public_ip_for_peers_on_the_same_network(lab: 
     table = routes(n1.ns)
     assert not any(r.startswith("10.5.") and "dev eth0" in r for r in table), table
     assert "10.98.0.0/24 via 10.99.0.3 dev eth0" in table
+
+
+async def test_an_mtu_above_what_the_interface_allows_is_a_clear_error(lab: Topology, nodes: Nodes) -> None:
+    why = r"cannot set MTU 1500 on VXLAN device flannel\.1.*at most 1450.*Backend\.MTU"
+    with pytest.raises(FlannelError, match=why):
+        await nodes.start(lab.hosts["h1"], cfg(MTU=1500))  # eth0 has MTU 1500: 1450 at most with VXLAN's 50

@@ -156,7 +156,15 @@ class VxlanBackend(KernelBackend):
                         mac=dev.mac, vtep_mac=mac)
             await self.nl.set_link(dev.index, mac=mac)
         if dev.mtu != self.mtu:
-            await self.nl.set_link(dev.index, mtu=self.mtu)
+            try:
+                await self.nl.set_link(dev.index, mtu=self.mtu)
+            except Exception as e:
+                # The kernel caps a VXLAN device at its lower device's MTU minus the encapsulation.
+                raise FlannelError(
+                    f"cannot set MTU {self.mtu} on VXLAN device {dev.name}: {e}; over {self.iface.name} "
+                    f"(MTU {self.iface.mtu}) it can be at most {self.iface.mtu - VXLAN_OVERHEAD}: lower "
+                    "Backend.MTU in the network config or leave it out"
+                ) from e
         if not dev.up:
             await self.nl.set_link(dev.index, up=True)
 
