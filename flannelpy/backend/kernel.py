@@ -203,7 +203,11 @@ class KernelBackend(Backend, abc.ABC):
     # ---- shared checks ----
 
     async def _iface_networks(self) -> list[IPv4Network]:
-        return [a.network for a in await self.nl.ipv4_addresses(self.iface.index)]
+        """The networks a next hop on the interface may be in, as the kernel judges a gateway: the networks
+        of its addresses and its on-link routes (`ip route add 10.98.0.0/24 dev eth0`, no address needed)."""
+        nets = {a.network for a in await self.nl.ipv4_addresses(self.iface.index)}
+        nets.update(r.dst for r in await self.nl.routes() if r.ifindex == self.iface.index and r.gateway is None)
+        return sorted(nets)
 
     async def _check_iface(self) -> None:
         link = await self.nl.link_by_index(self.iface.index)

@@ -9,7 +9,7 @@ flanneld never removes anything, so routes to vanished hosts stay forever).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -109,6 +109,9 @@ class Ownership:
       vxlan DirectRouting), else 0: only routes shaped like ours are ours (destination a whole lease
       subnet inside the Network, with a gateway).
     own_subnet: our lease, never touched (its route belongs to the container bridge).
+    replace_index: an interface where a route shaped like ours is not ours, but is replaced when it is in
+      the way of one we want to the same subnet (vxlan without DirectRouting: a route via a peer's PublicIP
+      left by DirectRouting or host-gw; flanneld replaces it too).
     """
 
     network: IPv4Network
@@ -116,21 +119,27 @@ class Ownership:
     own_subnet: IPv4Network | None
     vtep_index: int = 0
     iface_index: int = 0
+    replace_index: int = 0
 
     def _in_network(self, dst: IPv4Network) -> bool:
         return dst.subnet_of(self.network) and dst != self.own_subnet
+
+    def _lease_shaped_on(self, route: Route, ifindex: int) -> bool:
+        return bool(ifindex and route.ifindex == ifindex and route.gateway is not None
+                    and route.dst.prefixlen == self.subnet_len)
 
     def owns_route(self, route: Route) -> bool:
         if not self._in_network(route.dst) or route.proto == RTPROT_KERNEL:
             return False
         if self.vtep_index and route.ifindex == self.vtep_index:
             return True
-        return bool(
-            self.iface_index
-            and route.ifindex == self.iface_index
-            and route.gateway is not None
-            and route.dst.prefixlen == self.subnet_len
-        )
+        return self._lease_shaped_on(route, self.iface_index)
+
+    def replaces_route(self, route: Route, wanted: Container[IPv4Network]) -> bool:
+        """A route we do not own that stands where one of ours must go (`wanted`: their destinations)."""
+        if not self._in_network(route.dst) or route.proto == RTPROT_KERNEL:
+            return False
+        return self._lease_shaped_on(route, self.replace_index) and route.dst in wanted
 
     def owns_neighbour(self, neigh: Neighbour) -> bool:
         return (
@@ -157,7 +166,9 @@ def is_unicast_mac(mac: str) -> bool:
 def plan(desired: KernelState, actual: KernelState, owner: Ownership) -> Plan:
     """Diff desired against actual: add what is missing, remove what we own and do not want."""
     actual_routes = set(actual.routes)
-    del_routes = sorted((r for r in actual.routes if r not in desired.routes and owner.owns_route(r)), key=str)
+    wanted = {r.dst for r in desired.routes}
+    del_routes = sorted((r for r in actual.routes if r not in desired.routes
+                         and (owner.owns_route(r) or owner.replaces_route(r, wanted))), key=str)
     add_routes = sorted((r for r in desired.routes if r not in actual_routes), key=str)
 
     want_neigh = {n.key: n for n in desired.neighbours}

@@ -186,6 +186,25 @@ async def test_mismatched_backend_and_unreachable_peer_not_routed(lab: Topology,
     assert "directly connected" in far_report["reason"] and far_report["public_ip"] == "192.0.2.7"
 
 
+async def test_a_peer_behind_an_on_link_route_is_routed_as_the_kernel_allows(lab: Topology, nodes: Nodes) -> None:
+    # No address of h1 lies in 10.98.0.0/24, but the kernel takes a gateway there on eth0 (flanneld adds it).
+    n1 = await nodes.start(lab.hosts["h1"])
+    h3 = lab.hosts["h3"]
+    sh(h3.netns, "ip", "addr", "add", "10.98.0.3/24", "dev", "eth0")
+    sh(n1.ns, "ip", "route", "add", "10.98.0.0/24", "dev", "eth0")
+    peer = Lease(subnet_of(h3), LeaseAttrs(IPv4Address("10.98.0.3"), backend_type="host-gw"))
+    with capture_logs() as logs:
+        await n1.backend.apply([peer], [])
+        await n1.backend.reconcile()
+    assert f"{peer.subnet} via 10.98.0.3 dev eth0" in routes(n1.ns)
+    assert not [e for e in logs if e["event"] == "Lease not routed"]
+    sh(n1.ns, "ip", "route", "del", "10.98.0.0/24", "dev", "eth0")  # now it is not reachable any more
+    with capture_logs() as logs:
+        await n1.backend.reconcile()
+    assert not any(r.startswith(str(peer.subnet)) for r in routes(n1.ns))
+    assert [e["public_ip"] for e in logs if e["event"] == "Lease not routed"] == ["10.98.0.3"]
+
+
 async def test_many_unreachable_peers_are_logged_ten_by_ten_then_summed_up(lab: Topology, nodes: Nodes) -> None:
     n1 = await nodes.start(lab.hosts["h1"])
     far = [Lease(IPv4Network(f"10.5.{100 + i}.0/24"), LeaseAttrs(IPv4Address(f"192.0.2.{1 + i}"),

@@ -312,6 +312,19 @@ async def test_direct_routing_uses_public_ip_for_peers_on_the_same_network(lab: 
     assert "10.98.0.0/24 via 10.99.0.3 dev eth0" in table
 
 
+async def test_routes_left_by_direct_routing_make_way_when_it_is_turned_off(lab: Topology, nodes: Nodes) -> None:
+    h1, h2 = lab.hosts["h1"], lab.hosts["h2"]
+    n2 = await nodes.start(h2)
+    # h1 ran with DirectRouting and stopped without removing its routes (a crash, or a kill -9).
+    sh(h1.netns, "ip", "route", "add", str(n2.lease.subnet), "via", "10.99.0.2", "dev", "eth0")
+    n1 = await nodes.start(h1)
+    await nodes.mesh()
+    await n1.backend.reconcile()
+    table = routes(n1.ns)
+    assert vxlan_entries(n2)[0] in table and f"{n2.lease.subnet} via 10.99.0.2 dev eth0" not in table
+    assert ping(n1.container_ns, n2.container_ip)
+
+
 async def test_an_mtu_above_what_the_interface_allows_is_a_clear_error(lab: Topology, nodes: Nodes) -> None:
     why = r"cannot set MTU 1500 on VXLAN device flannel\.1.*at most 1450.*Backend\.MTU"
     with pytest.raises(FlannelError, match=why):

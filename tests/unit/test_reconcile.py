@@ -219,6 +219,22 @@ def test_hostgw_ownership_is_lease_shaped_gateway_routes_on_the_iface() -> None:
     assert p.add_routes == (Route(N("10.5.2.0/24"), A("10.99.0.2"), IFACE),)
 
 
+def test_vxlan_replaces_a_route_via_the_public_ip_only_where_it_blocks_one_of_ours() -> None:
+    # Left by DirectRouting (or host-gw) before: without it, the VTEP route to that subnet could not be added.
+    desired, _ = vxlan_state([vx("10.5.2.0/24", "10.99.0.2", "02:00:00:00:00:02")])
+    blocking = Route(N("10.5.2.0/24"), A("10.99.0.2"), IFACE)
+    kept = [
+        Route(N("10.5.77.0/24"), A("10.99.0.2"), IFACE),  # no lease of ours wants 10.5.77.0/24: not ours
+        Route(N("10.5.2.0/25"), A("10.99.0.2"), IFACE),  # not a whole lease subnet
+        Route(N("10.5.2.0/24"), A("10.99.0.2"), BRIDGE),  # another device
+    ]
+    owner = Ownership(NET, 24, OWN, vtep_index=VTEP, replace_index=IFACE)
+    p = plan(desired, KernelState(frozenset([blocking, *kept])), owner)
+    assert p.del_routes == (blocking,)
+    assert p.add_routes == (Route(N("10.5.2.0/24"), A("10.5.2.0"), VTEP, onlink=True),)
+    assert plan(desired, KernelState(frozenset([blocking])), Ownership(NET, 24, OWN, vtep_index=VTEP)).del_routes == ()
+
+
 def test_delta_programs_only_what_changed() -> None:
     old_lease = vx("10.5.2.0/24", "10.99.0.2", "0a:00:00:00:00:02")
     new_lease = vx("10.5.2.0/24", "10.99.0.2", "0a:00:00:00:00:22")  # the host rebooted: new VTEP MAC

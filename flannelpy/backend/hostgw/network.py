@@ -1,8 +1,9 @@
 """HostGwBackend: `<remote subnet> via <PublicIP> dev <iface>` for every remote host-gw lease.
 
 The peer's public IP is the next hop, so it has to be on a network the interface is directly connected
-to; a peer elsewhere is reported and not routed (flanneld hands such a route to the kernel, which
-refuses it, and keeps retrying). MTU = interface MTU: nothing is encapsulated.
+to (one of its addresses' networks, or an on-link route on it, as the kernel checks a gateway); a peer
+elsewhere is reported and not routed (flanneld hands such a route to the kernel, which refuses it, and
+keeps retrying). MTU = interface MTU: nothing is encapsulated.
 """
 
 from __future__ import annotations

@@ -177,6 +177,9 @@ class VxlanBackend(KernelBackend):
             own_subnet=self.lease.subnet if self.lease is not None else None,
             vtep_index=vtep_index,
             iface_index=self.iface.index if self.direct_routing else 0,
+            # Without DirectRouting a route there to a peer's subnet is one it (or host-gw) left: it would
+            # block the VTEP route for good.
+            replace_index=0 if self.direct_routing else self.iface.index,
         )
 
     async def _desired(self, leases: list[Lease]) -> tuple[KernelState, list[Skipped], Ownership]:
