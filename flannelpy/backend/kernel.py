@@ -155,7 +155,7 @@ class KernelBackend(Backend, abc.ABC):
             todo = plan(desired, actual, owner)
             if not self._synced:
                 todo = dataclasses.replace(todo, del_routes=(), del_neighbours=(), del_fdb=())
-            failures = await execute_plan(self.nl, todo)
+            todo, failures = await execute_plan(self.nl, todo)
             self.reconciles += 1
             self.last_plan = todo
             self._count(todo, failures, stale=True)
@@ -165,8 +165,10 @@ class KernelBackend(Backend, abc.ABC):
         self._failures = set(failures)
         if not todo.empty:
             log.info("Reconciled kernel state", backend=self.type, **todo.summary())
+            replaced = {r.dst for r in todo.add_routes}
             for r in todo.del_routes:
-                log.info("Removed route for a lease that no longer exists", backend=self.type, dst=str(r.dst),
+                log.info("Replaced a route in the way of ours" if r.dst in replaced
+                         else "Removed route for a lease that no longer exists", backend=self.type, dst=str(r.dst),
                          gateway=str(r.gateway), ifindex=r.ifindex)
         return todo
 
@@ -179,7 +181,7 @@ class KernelBackend(Backend, abc.ABC):
             self._log_unrouted([s for s in skipped if (s.subnet, s.reason) not in self._reported])
             self._reported |= {(s.subnet, s.reason) for s in skipped}
             todo = delta(old, new, owner)
-            failures = await execute_plan(self.nl, todo, exists_ok=True)
+            todo, failures = await execute_plan(self.nl, todo, exists_ok=True)
             self._count(todo, failures, stale=False)
         for line in failures:
             log.error("Could not program kernel entry", backend=self.type, failure=line)

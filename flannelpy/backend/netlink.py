@@ -30,7 +30,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any, ParamSpec, TypeVar
 
@@ -750,24 +750,32 @@ def _link(msg: Any) -> Link:
 
 
 @on_netlink_loop
-async def execute_plan(nl: Netlink, plan: Plan, *, exists_ok: bool = False) -> list[str]:
+async def execute_plan(nl: Netlink, plan: Plan, *, exists_ok: bool = False) -> tuple[Plan, list[str]]:
     """Carry out a reconcile plan: deletions first (routes before the entries they use), then additions
-    (fdb and neighbours before the routes that need them). One failed entry does not stop the rest;
-    the failures are returned as messages. exists_ok: a route that is already there is no failure (the
-    plan was made without reading the kernel; the next full reconcile tells ours from a conflict)."""
+    (fdb and neighbours before the routes that need them). One failed entry does not stop the rest.
+    Returns what was done (the plan less what the kernel refused) and the failures as messages.
+    exists_ok: a route that is already there is no failure (the plan was made without reading the
+    kernel; the next full reconcile tells ours from a conflict)."""
     failures: list[str] = []
-    for what, refused in (
-        ("delete route", await nl.delete_routes(plan.del_routes)),
-        ("delete neighbour", await nl.delete_neighbours(plan.del_neighbours)),
-        ("delete fdb entry", await nl.delete_fdb_entries(plan.del_fdb)),
-        ("add fdb entry", await nl.replace_fdb_entries(plan.add_fdb)),
-        ("add neighbour", await nl.replace_neighbours(plan.add_neighbours)),
+    refused: dict[str, set[Entry]] = {}
+    for field_name, what, outcome in (
+        ("del_routes", "delete route", await nl.delete_routes(plan.del_routes)),
+        ("del_neighbours", "delete neighbour", await nl.delete_neighbours(plan.del_neighbours)),
+        ("del_fdb", "delete fdb entry", await nl.delete_fdb_entries(plan.del_fdb)),
+        ("add_fdb", "add fdb entry", await nl.replace_fdb_entries(plan.add_fdb)),
+        ("add_neighbours", "add neighbour", await nl.replace_neighbours(plan.add_neighbours)),
     ):
-        failures += [f"{what} {r.item}: {r}" for r in refused]
+        failures += [f"{what} {r.item}: {r}" for r in outcome]
+        refused[field_name] = {r.item for r in outcome}
+    refused["add_routes"] = set()
     for r in await nl.add_routes(plan.add_routes):
+        refused["add_routes"].add(r.item)  # an existing route is not one we added, failure or not
         if r.code != errno.EEXIST:
             failures.append(f"add route {r.item}: {r}")
         elif not exists_ok:
             failures.append(f"add route {r.item}: another route to this destination exists (another device or "
                             "owner); left alone")
-    return failures
+    done = replace(plan, **{
+        name: tuple(x for x in getattr(plan, name) if x not in items) for name, items in refused.items() if items
+    })
+    return done, failures

@@ -241,6 +241,8 @@ async def test_two_thousand_leases_are_all_routed_and_a_refused_one_is_named(lab
     assert f"{clash} dev docker0" in table
     errors = [e["failure"] for e in logs if e["event"] == "Could not program kernel entry"]
     assert len(errors) == 1 and errors[0].startswith(f"add route {clash} via ") and "another route" in errors[0]
+    counts = n1.backend.counters()
+    assert counts["routes_added"] == 1999 and counts["program_failures"] == 1  # the refused one is not "added"
     # teardown removes the 1,999 routes of ours, in batches too, and nothing else
     await n1.backend.teardown()
     table = routes(h1.netns)
