@@ -305,8 +305,9 @@ def parse_config(data: str | bytes) -> NetworkConfig:
     """Parse the JSON stored at <prefix>/config. Raises ConfigError naming key, value and rule."""
     try:
         obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"network config is not valid JSON ({e}); write an object such as "
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ConfigError(f"network config is not valid JSON ({why}); write an object such as "
                           '{"Network": "10.5.0.0/16", "Backend": {"Type": "udp"}}') from None
     if not isinstance(obj, dict):
         raise ConfigError(f"network config must be a JSON object, got {type(obj).__name__}")

@@ -40,15 +40,23 @@ class LeaseAttrs:
             obj = json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
             raise LeaseFormatError(f"lease value is not JSON: {e}") from None
+        except RecursionError:  # garbage nested thousands deep must not take every daemon down
+            raise LeaseFormatError("lease value is not JSON: nested too deeply") from None
         if not isinstance(obj, dict):
             raise LeaseFormatError("lease value is not a JSON object")
         low = {k.lower(): v for k, v in obj.items()}
+        v4 = low.get("publicip")
+        # Strings only: ipaddress would also take a JSON number (or true, as 1) for an address.
         try:
-            public_ip = IPv4Address(low.get("publicip"))
+            if not isinstance(v4, str):
+                raise ValueError(v4)
+            public_ip = IPv4Address(v4)
         except ValueError:
-            raise LeaseFormatError(f"lease PublicIP={low.get('publicip')!r} is not an IPv4 address") from None
+            raise LeaseFormatError(f"lease PublicIP={v4!r} is not an IPv4 address") from None
         v6 = low.get("publicipv6")
         try:
+            if v6 is not None and not isinstance(v6, str):
+                raise ValueError(v6)
             public_ipv6 = IPv6Address(v6) if v6 else None
         except ValueError:
             raise LeaseFormatError(f"lease PublicIPv6={v6!r} is not an IPv6 address") from None

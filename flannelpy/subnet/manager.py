@@ -274,7 +274,7 @@ class SubnetManager:
                     await self.registry.put(key, value)  # still no etcd lease: stays permanent
                 log.info("Found reservation for current IP, reusing (permanent, never renewed)",
                          subnet=str(lease.subnet), public_ip=str(attrs.public_ip))
-                return Lease(lease.subnet, attrs, None, None, 0, lease.revision)
+                return Lease(lease.subnet, attrs, lease.ipv6_subnet, None, 0, lease.revision)
             ttl = await self.registry.refresh_lease(lease.etcd_lease_id)
             if ttl is None:
                 return "gone"  # expired just now; the key is gone too, list again
@@ -284,7 +284,8 @@ class SubnetManager:
                 return "gone"
             log.info("Found lease for current IP, reusing", subnet=str(lease.subnet),
                      public_ip=str(attrs.public_ip), etcd_lease=f"{lease.etcd_lease_id:x}")
-            return Lease(lease.subnet, attrs, None, self._clock() + ttl, lease.etcd_lease_id, rev)
+            # The key's IPv6 part too (a dual-stack lease of flanneld's): renewal reads that same key.
+            return Lease(lease.subnet, attrs, lease.ipv6_subnet, self._clock() + ttl, lease.etcd_lease_id, rev)
 
         # 2. The subnet we had before (subnet file), 3. a random one of the first free ones.
         if prev_subnet is not None and prev_subnet not in taken:
@@ -346,13 +347,12 @@ class SubnetManager:
         self._own = lease
         if lease.is_reservation:
             log.info("lease is a reservation; it never expires and needs no renewal", subnet=str(lease.subnet))
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                self._check_revoked()
+            await self._hold_reservation()
         current = lease
         while True:
-            assert current.expiration is not None
+            if current.is_reservation or current.expiration is None:
+                # Made a reservation under us (an operator's `etcdctl put` without a lease): kept for good.
+                await self._hold_reservation()
             due = current.expiration - self.renew_margin
             while not self._renew_now and self._clock() < due:
                 self._check_revoked()
@@ -377,6 +377,13 @@ class SubnetManager:
                 continue
             self._own = current
 
+    async def _hold_reservation(self) -> NoReturn:
+        """Nothing to renew; returns only by raising LeaseRevokedError (the key deleted or taken)."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            self._check_revoked()
+
     async def _renew(self, current: Lease) -> Lease:
         key = self.subnets_prefix + current.key
         ttl = await self.registry.refresh_lease(current.etcd_lease_id)
@@ -392,7 +399,7 @@ class SubnetManager:
             current = replace(current, etcd_lease_id=kv.lease)  # rewritten for us (e.g. by a restart)
             if kv.lease == 0:
                 log.info("lease was turned into a reservation; no more renewals", subnet=str(current.subnet))
-                return replace(current, expiration=None)
+                return replace(current, expiration=None, revision=kv.mod_revision)
             ttl = await self.registry.refresh_lease(kv.lease)
             if ttl is None:
                 return await self._recreate(current)
@@ -415,9 +422,15 @@ class SubnetManager:
             kv = await self.registry.get(key)
             holder = self._holder(kv) if kv is not None else "(nobody)"
             if kv is not None and holder == current.attrs.public_ip:
+                if kv.lease == 0:
+                    log.info("lease was turned into a reservation; no more renewals", subnet=str(current.subnet))
+                    return replace(current, etcd_lease_id=0, revision=kv.mod_revision, expiration=None)
                 # Another process with our PublicIP claimed it; keep refreshing that one.
+                ttl = await self.registry.lease_ttl(kv.lease)
+                if ttl is None:  # gone again already: retry after the usual pause, not in a tight loop
+                    raise RegistryError(f"the etcd lease {kv.lease:x} holding {key} expired as it was read")
                 return replace(current, etcd_lease_id=kv.lease, revision=kv.mod_revision,
-                               expiration=self._clock() + (await self.registry.lease_ttl(kv.lease) or 0))
+                               expiration=self._clock() + ttl)
             raise self._revoke(f"our lease on {current.subnet} expired and PublicIP {holder} claimed it")
         log.warning("etcd lease had expired; lease re-created", subnet=str(current.subnet),
                     etcd_lease=f"{claim.lease_id:x}")

@@ -84,6 +84,17 @@ async def test_reservation_is_reused_and_stays_permanent(reg: MemoryRegistry, cl
     assert kv is not None and kv.lease == 0  # never converted into a 24 h lease
 
 
+@pytest.mark.parametrize("ttl", [86400, None], ids=["lease", "reservation"])
+async def test_a_dual_stack_lease_of_ours_is_reused_under_its_own_key(reg: MemoryRegistry, clock: FakeClock,
+                                                                   ttl: float | None) -> None:
+    # Written by a dual-stack flanneld before: renewal must go on reading this key, not a v4-only one.
+    key = SUBNETS + "10.5.85.0-24&fd00:6:0:2f::-64"
+    await reg.put(key, ME.to_json(), reg.grant(ttl) if ttl else 0)
+    lease = await manager(reg, clock).acquire_lease(CONFIG, ME)
+    assert SUBNETS + lease.key == key and str(lease.ipv6_subnet) == "fd00:6:0:2f::/64"
+    assert [kv.key for kv in (await reg.list_prefix(SUBNETS))[0]] == [key]  # no second key for the subnet
+
+
 async def test_our_lease_that_does_not_fit_is_deleted(reg: MemoryRegistry, clock: FakeClock) -> None:
     narrow = parse_config('{"Network":"10.5.0.0/16","SubnetMin":"10.5.100.0","SubnetMax":"10.5.110.0"}')
     await hold(reg, "10.5.7.0/24", ME)
@@ -165,11 +176,15 @@ async def test_garbage_under_subnets_does_not_stop_allocation(reg: MemoryRegistr
     await reg.put(SUBNETS + "10.5.1.0-24", b"{not json")
     await reg.put(SUBNETS + "hello", b"world")
     await reg.put(SUBNETS + "10.5.2.0-24", b'{"PublicIP":"not-an-ip"}')
+    await reg.put(SUBNETS + "10.5.3.0-24", b"[" * 100_000)  # deeper than the JSON parser's recursion limit
+    await reg.put(SUBNETS + "10.5.4.0-24", b'{"PublicIP":true}')  # not 0.0.0.1, as ipaddress would read it
+    await reg.put(SUBNETS + "10.5.5.0-24", b'{"PublicIP":"10.99.0.5","PublicIPv6":1}')
     with capture_logs() as logs:
         lease = await manager(reg, clock).acquire_lease(CONFIG, ME, prev_subnet=IPv4Network("10.5.1.0/24"))
-    assert lease.subnet not in (IPv4Network("10.5.1.0/24"), IPv4Network("10.5.2.0/24"))  # keys occupied
+    garbage = {SUBNETS + f"10.5.{i}.0-24" for i in range(1, 6)}
+    assert SUBNETS + lease.key not in garbage  # keys occupied
     ignored = [e for e in logs if e["event"].startswith("ignoring an entry")]
-    assert {e["key"] for e in ignored} == {SUBNETS + "10.5.1.0-24", SUBNETS + "hello", SUBNETS + "10.5.2.0-24"}
+    assert {e["key"] for e in ignored} == garbage | {SUBNETS + "hello"}
 
 
 async def test_etcd_outage_during_acquire_is_waited_out(reg: MemoryRegistry, clock: FakeClock) -> None:

@@ -141,7 +141,7 @@ def test_invalid_values_name_the_key(obj: dict[str, object], key: str) -> None:
     assert e.value.exit_code == ExitCode.CONFIG
 
 
-@pytest.mark.parametrize("text", ["", "not json", "[1,2]", '"10.5.0.0/16"'])
+@pytest.mark.parametrize("text", ["", "not json", "[1,2]", '"10.5.0.0/16"', "[" * 100_000])
 def test_not_a_json_object(text: str) -> None:
     with pytest.raises(ConfigError, match="JSON"):
         parse_config(text)

@@ -154,6 +154,31 @@ async def test_reservation_is_never_renewed() -> None:
     assert kv is not None and kv.lease == 0
 
 
+@pytest.mark.parametrize("expired_first", [False, True])
+async def test_a_lease_turned_into_a_reservation_is_kept_for_good(expired_first: bool) -> None:
+    # An operator pins our subnet (`etcdctl put` of our value without a lease), before or after our etcd
+    # lease ran out: from then on nothing is renewed, nothing is re-created and the daemon keeps running.
+    clock = FakeClock()
+    reg = RecordingRegistry(clock, stop_after=1000)
+    m, lease = await acquire(reg, clock)
+    if expired_first:
+        clock.advance(TTL + 5)
+        reg.expire()
+    await reg.put(SUBNETS + lease.key, ME.to_json())
+    task = asyncio.create_task(m.keep_lease(lease))
+    for _ in range(20):
+        clock.advance(TTL)
+        await asyncio.sleep(0)
+    assert not task.done(), task
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert len(reg.refreshes) <= 2  # the renewal that found the reservation (and the re-claim's check)
+    assert m.own_lease is not None and m.own_lease.is_reservation and m.own_lease.expiration is None
+    kv = await reg.get(SUBNETS + lease.key)
+    assert kv is not None and kv.lease == 0 and LeaseAttrs.from_json(kv.value) == ME
+
+
 async def keep_and_watch(m: SubnetManager, lease: Lease) -> tuple[asyncio.Task[None], asyncio.Task[None]]:
     """keep_lease and a consumer of watch_leases running, both past their start."""
     async def consume() -> None:
