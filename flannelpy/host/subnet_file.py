@@ -5,7 +5,8 @@
     FLANNEL_MTU=1472
     FLANNEL_IPMASQ=true
 
-plus FLANNEL_IPV6_NETWORK / FLANNEL_IPV6_SUBNET after the IPv4 lines when IPv6 is enabled. Docker
+plus FLANNEL_IPV6_NETWORK / FLANNEL_IPV6_SUBNET after the IPv4 lines when IPv6 is enabled and the lease
+has an IPv6 subnet (flannelpy leases IPv4 only; a dual-stack lease of flanneld's it reuses has one). Docker
 (through mk-docker-opts) and CNI read it; the subnet manager reads FLANNEL_SUBNET back on restart.
 """
 
@@ -38,9 +39,8 @@ def render_subnet_file(config: NetworkConfig, lease: Lease, mtu: int, ipmasq: bo
             raise ValueError("IPv4 is enabled but the network config has no Network")
         lines.append(f"FLANNEL_NETWORK={config.network}")
         lines.append(f"FLANNEL_SUBNET={lease.subnet.network_address + 1}/{lease.subnet.prefixlen}")
-    if config.enable_ipv6:
-        if config.ipv6_network is None or lease.ipv6_subnet is None:
-            raise ValueError("IPv6 is enabled but the network config or the lease has no IPv6 subnet")
+    # flannelpy leases IPv4 only (said at start): IPv6 lines only for a dual-stack lease it reused.
+    if config.enable_ipv6 and config.ipv6_network is not None and lease.ipv6_subnet is not None:
         v6 = lease.ipv6_subnet
         lines.append(f"FLANNEL_IPV6_NETWORK={config.ipv6_network}")
         lines.append(f"FLANNEL_IPV6_SUBNET={v6.network_address + 1}/{v6.prefixlen}")

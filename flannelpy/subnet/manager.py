@@ -210,7 +210,8 @@ class SubnetManager:
             raise ConfigError("config key EnableIPv4=false: flannelpy leases IPv4 subnets; IPv6-only "
                               "networks are not supported")
         if config.enable_ipv6:
-            log.warning("IPv6 subnets are not leased by flannelpy yet; leasing IPv4 only",
+            log.warning("IPv6 subnets are not leased by flannelpy yet; leasing IPv4 only (the subnet file gets "
+                        "no FLANNEL_IPV6_* lines unless a dual-stack lease of this host is reused)",
                         ipv6_network=str(config.ipv6_network))
         if prev_subnet is not None and not config.contains_subnet(prev_subnet):
             log.info("subnet from the subnet file does not fit the network config; ignoring it",

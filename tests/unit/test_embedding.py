@@ -58,6 +58,18 @@ async def test_node_writes_the_subnet_file_and_keeps_its_lease_on_stop(tmp_path:
     await again.stop()
 
 
+async def test_a_node_with_ipv6_enabled_runs_on_an_ipv4_lease(tmp_path: Path) -> None:
+    registry = flannelpy.MemoryRegistry()
+    await registry.put("/coreos.com/network/config", b'{"Network": "10.5.0.0/16", "EnableIPv6": true, '
+                       b'"IPv6Network": "fd00:5::/56", "Backend": {"Type": "alloc"}}')
+    node = flannelpy.Node(registry, _iface(1), _options(tmp_path))
+    await node.start()
+    assert node.ready and node.lease is not None
+    text = (tmp_path / "subnet.env").read_text()
+    assert f"FLANNEL_SUBNET={node.lease.subnet.network_address + 1}/24\n" in text and "IPV6" not in text
+    await node.stop()
+
+
 async def test_node_wait_raises_when_its_lease_is_deleted() -> None:
     registry = flannelpy.MemoryRegistry()
     await registry.put("/coreos.com/network/config", CONFIG)

@@ -50,6 +50,17 @@ def test_dual_stack_adds_ipv6_lines_after_ipv4():
     )
 
 
+def test_ipv6_enabled_with_an_ipv4_only_lease_writes_the_ipv4_lines():
+    # flannelpy leases IPv4 only: the file says what the host has, no FLANNEL_IPV6_* it does not hold.
+    config = parse_config('{"Network":"10.6.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:6::/56"}')
+    assert render_subnet_file(config, LEASE, 1472, True) == (
+        "FLANNEL_NETWORK=10.6.0.0/16\n"
+        "FLANNEL_SUBNET=10.5.58.1/24\n"
+        "FLANNEL_MTU=1472\n"
+        "FLANNEL_IPMASQ=true\n"
+    )
+
+
 def test_parent_directory_is_created_and_no_temporary_file_is_left(tmp_path):
     path = tmp_path / "run" / "flannel" / "subnet.env"
     write_subnet_file(path, parse_config('{"Network":"10.5.0.0/16"}'), LEASE, 1472, True)
