@@ -161,6 +161,7 @@ class Node:
     async def start(self) -> None:
         """Acquire the lease and bring the backend up; returns when the node is ready."""
         self._done = asyncio.get_running_loop().create_future()
+        self._first_snapshot.clear()  # a start after a stop waits for its own watch's first batch
         self.config = await self.manager.get_network_config()
         log.info("Network config", network=str(self.config.network), subnet_len=self.config.subnet_len,
                  backend=self.config.backend.type)
@@ -194,12 +195,12 @@ class Node:
 
     async def stop(self) -> None:
         """Stop loops and the backend; the lease stays in etcd so a restart gets the same subnet."""
-        for task in self._tasks:
+        tasks, self._tasks = self._tasks, []  # what _task_done finds no longer listed was stopped by us
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        self._tasks.clear()
         if self._iptables is not None:
             with contextlib.suppress(Exception):
                 await self._iptables.remove()
@@ -220,7 +221,12 @@ class Node:
         self._tasks.append(task)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
-        if task.cancelled() or self._done is None or self._done.done():
+        if self._done is None or self._done.done() or task not in self._tasks:
+            return
+        if task.cancelled():  # not by stop(): a loop must not end unnoticed, whatever ended it
+            self._done.set_exception(RuntimeError(f"{task.get_name()} loop was cancelled"))
+            # wait() still raises it; no "never retrieved" noise when a program's loop closes without stop().
+            self._done.exception()
             return
         exc = task.exception()
         if exc is not None:

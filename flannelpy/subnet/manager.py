@@ -231,7 +231,12 @@ class SubnetManager:
                 continue
             if isinstance(lease, Lease):
                 self._own = lease
+                # A new lease after a revocation (a Node started again): the old one's signals must not
+                # end the new watch and renewal at once.
                 self._revoked = None
+                self._revoked_evt.clear()
+                self._wake.clear()
+                self._renew_now = False
                 return lease
             if lease == "lost":
                 lost += 1

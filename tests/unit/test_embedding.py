@@ -82,6 +82,46 @@ async def test_node_wait_raises_when_its_lease_is_deleted() -> None:
     await node.stop()
 
 
+async def test_a_node_started_again_after_a_revocation_watches_and_renews_again() -> None:
+    registry = flannelpy.MemoryRegistry()
+    await registry.put("/coreos.com/network/config", CONFIG)
+    node = flannelpy.Node(registry, _iface(1), _options())
+    await node.start()
+    assert node.lease is not None
+    await registry.delete(f"/coreos.com/network/subnets/{node.lease.key}")
+    with pytest.raises(LeaseRevokedError):
+        await asyncio.wait_for(node.wait(), 5)
+    await node.stop()
+
+    await node.start()  # a fresh lease: the old revocation must not end the new loops
+    peer = flannelpy.Node(registry, _iface(2), _options())
+    await peer.start()
+    assert peer.lease is not None
+    for _ in range(100):
+        if peer.lease.subnet in [le.subnet for le in node.routes.leases()]:
+            break
+        await asyncio.sleep(0.01)
+    assert [le.subnet for le in node.routes.leases()] == [peer.lease.subnet]
+    assert all(not t.done() for t in node._tasks if t.get_name() in ("watch", "renew")), node._tasks
+    assert node.lease is not None
+    await registry.delete(f"/coreos.com/network/subnets/{node.lease.key}")
+    with pytest.raises(LeaseRevokedError):  # and a second revocation is reported again
+        await asyncio.wait_for(node.wait(), 5)
+    await node.stop()
+    await peer.stop()
+
+
+async def test_a_loop_cancelled_by_anything_but_stop_is_reported_by_wait() -> None:
+    registry = flannelpy.MemoryRegistry()
+    await registry.put("/coreos.com/network/config", CONFIG)
+    node = flannelpy.Node(registry, _iface(1), _options())
+    await node.start()
+    next(t for t in node._tasks if t.get_name() == "watch").cancel()
+    with pytest.raises(RuntimeError, match="watch loop was cancelled"):
+        await asyncio.wait_for(node.wait(), 5)
+    await node.stop()
+
+
 async def test_events_report_a_peer_leaving() -> None:
     registry = flannelpy.MemoryRegistry()
     await registry.put("/coreos.com/network/config", CONFIG)
