@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 
+from flannelpy.errors import FlannelError
 from flannelpy.observe.metrics import render_metrics
 
 log = structlog.get_logger()
@@ -33,7 +34,12 @@ class HealthServer:
         self._ticker: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        try:
+            self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        except OSError as e:
+            raise FlannelError(f"cannot serve health checks on {self.host}:{self.port}: {e.strerror or e}; "
+                               "choose a free --healthz-port (0 turns the server off) or another "
+                               "--healthz-ip") from None
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
         self._ticker = asyncio.ensure_future(self._tick())

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from flannelpy.errors import FlannelError
 from flannelpy.observe.health import ETCD_STALE_AFTER, LOOP_STALE_AFTER, HealthServer
 from flannelpy.routes import RouteTable
 
@@ -71,3 +72,14 @@ async def test_served_over_http_with_status_codes() -> None:
         assert metrics.startswith(b"HTTP/1.1 200") and b"flannel_routes 0.0" in metrics
     finally:
         await server.stop()
+
+
+async def test_a_port_in_use_is_a_clear_error_naming_the_flag() -> None:
+    first, _ = _server()
+    await first.start()
+    try:
+        second = HealthServer(SimpleNamespace(), SimpleNamespace(), "127.0.0.1", first.port)
+        with pytest.raises(FlannelError, match=rf"127\.0\.0\.1:{first.port}: .*--healthz-port"):
+            await second.start()
+    finally:
+        await first.stop()
