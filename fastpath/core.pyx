@@ -67,6 +67,8 @@ cdef uint32_t PEER_MAX = 65536
 
 
 def counter_name(int index):
+    if not 0 <= index < NCOUNTERS:  # the module is built without bounds checks
+        raise IndexError(f"counter index {index} out of range 0..{NCOUNTERS - 1}")
     return COUNTERS[index]
 
 

@@ -57,6 +57,8 @@ IPPROTO_ICMP = 1
 
 
 def counter_name(index: int) -> str:
+    if not 0 <= index < len(COUNTERS):
+        raise IndexError(f"counter index {index} out of range 0..{len(COUNTERS) - 1}")
     return COUNTERS[index]
 
 
@@ -141,16 +143,28 @@ class RouteTable:
 
     def lookup(self, dst: int) -> int:
         """The PublicIP of the peer whose subnet holds dst, or 0."""
+        _check_addr("dst", dst)
+        return self._lookup(dst)
+
+    def _lookup(self, dst: int) -> int:  # the packet path's, on addresses read from a header
         if dst & self._mask != self.network:
             return 0
         return self._slots[(dst - self.network) >> self._shift]
 
     def contains(self, addr: int) -> bool:
         """Whether addr lies inside the network (any subnet, leased or not)."""
+        _check_addr("addr", addr)
+        return self._contains(addr)
+
+    def _contains(self, addr: int) -> bool:
         return addr & self._mask == self.network
 
     def is_peer(self, ip: int) -> bool:
         """Whether ip is the PublicIP of at least one current lease."""
+        _check_addr("ip", ip)
+        return ip in self._peers
+
+    def _is_peer(self, ip: int) -> bool:
         return ip in self._peers
 
     def _peer_add(self, ip: int) -> None:
@@ -261,10 +275,10 @@ class PacketCore:
             return DROP, bad
         dst = _u32(packet, 16)
         table = self.table
-        if not table.contains(dst):
+        if not table._contains(dst):
             c[base + 4] += 1
             return DROP, base + 4
-        peer = table.lookup(dst)
+        peer = table._lookup(dst)
         if peer == 0:
             c[base + 5] += 1
             frag_off = ((packet[6] & 0x1F) << 8) | packet[7]
@@ -304,6 +318,7 @@ class PacketCore:
 
     def decap(self, packet: bytearray | memoryview, sender: int, length: int | None = None) -> tuple[int, int]:
         """A datagram of `length` bytes from `sender` (outer source IP): (DELIVER, n) or (DROP, counter)."""
+        _check_addr("sender", sender)
         n = len(packet) if length is None else length
         c = self._counts
         base = _IDX["decap_drop_short"]
@@ -323,8 +338,8 @@ class PacketCore:
             c[bad] += 1
             return DROP, bad
         table = self.table
-        if sender == 0 or table.lookup(_u32(packet, 12)) != sender:  # 0 would "match" an empty slot
-            bad = base + 7 if table.is_peer(sender) else base + 6
+        if sender == 0 or table._lookup(_u32(packet, 12)) != sender:  # 0 would "match" an empty slot
+            bad = base + 7 if table._is_peer(sender) else base + 6
             c[bad] += 1
             return DROP, bad
         if packet[8] <= 1:
@@ -337,6 +352,8 @@ class PacketCore:
 
     def count(self, index: int, n: int = 1) -> None:
         """Add n to a counter (the I/O loops count send and write errors here)."""
+        if not 0 <= index < len(COUNTERS):
+            raise IndexError(f"counter index {index} out of range")
         self._counts[index] += n
 
     def counters(self) -> dict[str, int]:

@@ -224,6 +224,15 @@ def cgroup_tree(tmp_path: Path, self_cgroup: str, files: dict[str, str]) -> tupl
     ("0::/kubepods/pod1\n", {"kubepods/pod1/cpu.max": "150000 100000\n"}, 1.5),
     ("0::/kubepods/pod1\n", {"cpu.max": "50000 100000\n"}, 0.5),
     ("0::/\n", {"cpu.max": "max 100000\n"}, None),
+    # a parent's quota holds for the groups below it, the smallest on the way up wins
+    ("0::/kubepods.slice/pod1/c1\n", {"kubepods.slice/cpu.max": "50000 100000\n",
+                                      "kubepods.slice/pod1/c1/cpu.max": "max 100000\n"}, 0.5),
+    ("0::/kubepods.slice/pod1/c1\n", {"kubepods.slice/cpu.max": "400000 100000\n",
+                                      "kubepods.slice/pod1/cpu.max": "150000 100000\n"}, 1.5),
+    ("4:cpu,cpuacct:/docker/abc\n", {"cpu,cpuacct/docker/cpu.cfs_quota_us": "200000\n",
+                                     "cpu,cpuacct/docker/cpu.cfs_period_us": "100000\n",
+                                     "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "-1\n",
+                                     "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"}, 2.0),
     # cgroup v1 (cpu,cpuacct or cpu), next to a v2 line without the cpu controller
     ("4:cpu,cpuacct:/docker/abc\n0::/\n", {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "300000\n",
                                           "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"}, 3.0),

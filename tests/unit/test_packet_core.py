@@ -463,3 +463,19 @@ def test_compiled_core_matches_the_reference(pkt: bytearray, sender: int, mtu: i
         d = core.decap(dec, sender)
         results.append((e, bytes(enc), bytes(reply), d, bytes(dec), core.counters()))
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bad_arguments_are_refused_alike_by_both_cores(impl: ModuleType) -> None:
+    # The compiled core is built without bounds checks: what it does not check itself would read anywhere.
+    table, core = make(impl)
+    for index in (len(impl.COUNTERS), -1):
+        with pytest.raises(IndexError, match="out of range"):
+            impl.counter_name(index)
+        with pytest.raises(IndexError, match="out of range"):
+            core.count(index)
+    for call in (lambda: table.lookup(1 << 32), lambda: table.contains(-1), lambda: table.is_peer(1 << 32),
+                 lambda: core.decap(bytearray(40), -1)):
+        with pytest.raises(ValueError, match="not an IPv4 address"):
+            call()
+    assert impl.counter_name(0) == "encap_packets" and sum(core.counters().values()) == 0

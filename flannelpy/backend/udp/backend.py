@@ -13,7 +13,8 @@ FLANNELPY_DATAPATH=compiled|python and FLANNELPY_BATCH=1..1024 (packets per wake
 path, for benchmarks; FLANNELPY_OFFLOAD=1|0|tso,gso,gro the kernel offloads of the compiled one (see
 offload.py: on by default, off with batch 1); FLANNELPY_UDP_THREADS=1|2|auto whether one thread carries both
 directions or each has its own (auto: one where at most two CPUs are usable, by affinity or cgroup quota);
-FLANNELPY_UDP_RTPRIO=0..99 their SCHED_RR priority (default 0: normal scheduling; a trade-off, see datapath.py).
+FLANNELPY_UDP_RTPRIO=auto|0..99 their SCHED_RR priority (default auto: only while a bulk transfer makes other
+traffic wait; 0 never; see datapath.py and docs/operations.md).
 The constructor's datapath=, batch=, offload=, threads= and rtprio= take precedence.
 """
 

@@ -52,36 +52,45 @@ def choose_batch(batch: int | None) -> int:
     return value
 
 
+def _up_from(base: Path, rel: str) -> list[Path]:
+    """base/rel, then each parent up to base itself."""
+    parts = [p for p in rel.split("/") if p]
+    return [base.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
+
+
 def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup"),
                      self_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
     """The CPUs' worth of time this process's cgroup allows (cgroup v2 cpu.max, v1 cpu.cfs_quota_us), or None
-    when unlimited or unknown. A container sees its own cgroup at the mount root, hence the fallback to it."""
+    when unlimited or unknown. Every group from the process's own up to the root counts (a pod's quota holds
+    for the containers below it), the smallest wins; a container sees its own cgroup at the mount root."""
     try:
         lines = self_cgroup.read_text().splitlines()
     except OSError:
         return None
+    limits: list[float] = []
     for line in lines:
         parts = line.split(":", 2)
         if len(parts) != 3:
             continue
-        controllers, rel = parts[1], parts[2].lstrip("/")
+        controllers, rel = parts[1], parts[2]
         try:
             if controllers == "":  # cgroup v2
-                for d in (root / rel, root):
+                for d in _up_from(root, rel):
                     if (d / "cpu.max").is_file():
                         quota, period = (d / "cpu.max").read_text().split()[:2]
-                        return None if quota == "max" else int(quota) / int(period)
+                        if quota != "max":
+                            limits.append(int(quota) / int(period))
             elif "cpu" in controllers.split(","):
-                # In order, once each: the two pairs coincide when the controller list is just "cpu".
-                candidates = (root / controllers / rel, root / controllers, root / "cpu" / rel, root / "cpu")
-                for d in dict.fromkeys(candidates):
+                # Once each: the two hierarchies coincide when the controller list is just "cpu".
+                for d in dict.fromkeys([*_up_from(root / controllers, rel), *_up_from(root / "cpu", rel)]):
                     if (d / "cpu.cfs_quota_us").is_file():
                         quota_us = int((d / "cpu.cfs_quota_us").read_text())
                         period_us = int((d / "cpu.cfs_period_us").read_text())
-                        return None if quota_us <= 0 else quota_us / period_us
+                        if quota_us > 0:
+                            limits.append(quota_us / period_us)
         except (OSError, ValueError, ZeroDivisionError):
             return None
-    return None
+    return min(limits) if limits else None
 
 
 def choose_threads(threads: int | None) -> int:
