@@ -15,6 +15,7 @@ from flannelpy.backend.base import ExternalInterface, create_backend
 from flannelpy.backend.udp import UdpBackend
 from flannelpy.backend.udp.datapath import Realtime, cgroup_cpu_limit, make_realtime, probe_realtime
 from flannelpy.config import parse_config
+from flannelpy.errors import ConfigError, ExitCode
 from flannelpy.subnet.lease import Lease, LeaseAttrs
 
 IFACE = ExternalInterface(name="eth0", index=2, ip=IPv4Address("10.99.0.1"), public_ip=IPv4Address("10.99.0.1"),
@@ -60,7 +61,7 @@ def test_datapath_choice_by_argument_or_environment(kind: str, monkeypatch: pyte
 
 def test_unknown_datapath_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLANNELPY_DATAPATH", "turbo")
-    with pytest.raises(ValueError, match="FLANNELPY_DATAPATH"):
+    with pytest.raises(ConfigError, match="FLANNELPY_DATAPATH"):
         backend()
 
 
@@ -100,9 +101,9 @@ def test_batch_by_argument_or_environment(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("FLANNELPY_BATCH", "8")
     assert backend().batch == 8
     monkeypatch.setenv("FLANNELPY_BATCH", "lots")
-    with pytest.raises(ValueError, match="FLANNELPY_BATCH"):
+    with pytest.raises(ConfigError, match="FLANNELPY_BATCH"):
         backend()
-    with pytest.raises(ValueError, match=r"1\.\.1024"):
+    with pytest.raises(ConfigError, match=r"1\.\.1024"):
         backend(batch=5000)
 
 
@@ -119,7 +120,7 @@ def test_realtime_priority_auto_unless_chosen(monkeypatch: pytest.MonkeyPatch) -
     assert backend(datapath="python").realtime == Realtime(0)  # its loops hold the GIL: never above the control plane
     for bad, words in (("high", "not a number"), ("100", "out of range")):
         monkeypatch.setenv("FLANNELPY_UDP_RTPRIO", bad)
-        with pytest.raises(ValueError, match=f"FLANNELPY_UDP_RTPRIO.*{words}.*0 .normal scheduling"):
+        with pytest.raises(ConfigError, match=f"FLANNELPY_UDP_RTPRIO.*{words}.*0 .normal scheduling"):
             backend()
 
 
@@ -195,7 +196,7 @@ def test_threads_follow_the_cpus_unless_chosen(monkeypatch: pytest.MonkeyPatch) 
     assert backend().threads == 1
     assert backend(threads=2).threads == 2  # the argument wins
     monkeypatch.setenv("FLANNELPY_UDP_THREADS", "4")
-    with pytest.raises(ValueError, match=r"FLANNELPY_UDP_THREADS='4'.*1 .*2 .*auto"):
+    with pytest.raises(ConfigError, match=r"FLANNELPY_UDP_THREADS='4'.*1 .*2 .*auto"):
         backend()
 
 
@@ -267,7 +268,7 @@ def test_offloads_by_environment(value: str, want: str, monkeypatch: pytest.Monk
 
 def test_unknown_offload_is_refused_with_the_choices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLANNELPY_OFFLOAD", "tso,turbo")
-    with pytest.raises(ValueError, match=r"turbo.*tso, gso, gro"):
+    with pytest.raises(ConfigError, match=r"turbo.*tso, gso, gro"):
         backend(datapath="compiled")
 
 
@@ -298,3 +299,10 @@ def test_a_refusal_after_start_is_reported_from_the_data_path() -> None:
     assert auto.realtime_refused is None
     auto.datapath.rt_error = errno.EPERM  # type: ignore[attr-defined]  # set by a loop whose switch failed
     assert auto.realtime_refused == "Operation not permitted (errno 1), after start"
+
+
+def test_a_network_too_large_for_the_route_table_is_a_config_error() -> None:
+    # parse_config takes it (flanneld has no such bound); the udp route table holds 2**24 subnets at most.
+    with pytest.raises(ConfigError, match=r"udp backend: /4 network with /30 subnets.*2\*\*24.*SubnetLen") as e:
+        backend({"Network": "16.0.0.0/4", "SubnetLen": 30})
+    assert e.value.exit_code == ExitCode.CONFIG

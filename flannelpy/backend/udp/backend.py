@@ -72,21 +72,24 @@ class UdpBackend(Backend):
         if config.network is None:
             raise ConfigError("the udp backend needs an IPv4 Network in the config (EnableIPv4 with Network)")
         self.network: IPv4Network = config.network
-        self.datapath_kind = choose_datapath(datapath)
+        try:  # FLANNELPY_* settings, and a network too large for the route table: the daemon's exit code 2
+            self.datapath_kind = choose_datapath(datapath)
+            self.batch = choose_batch(batch)
+            self.threads = choose_threads(threads)
+            # The pure-Python loops hold the GIL: at real-time priority they could starve the control plane.
+            self.realtime = choose_rtprio(rtprio) if self.datapath_kind == "compiled" else Realtime()
+            self.offloads_wanted = choose_offloads(offload, self.batch, self.datapath_kind)
+            mod = core_module(self.datapath_kind)
+            self.table = mod.RouteTable(int(self.network.network_address), self.network.prefixlen,
+                                        config.subnet_len)
+            self.core = mod.PacketCore(self.table, self.mtu)
+        except ValueError as e:
+            raise ConfigError(f"udp backend: {e}") from None
         self.tun_name = tun_name
-        self.batch = choose_batch(batch)
-        self.threads = choose_threads(threads)
-        # The pure-Python loops hold the GIL: at real-time priority they could starve the control plane.
-        self.realtime = choose_rtprio(rtprio) if self.datapath_kind == "compiled" else Realtime()
         self._rt_refused: str | None = None  # why the kernel refused SCHED_RR at start, if it did
         self._rt_lock = threading.Lock()
-        self.offloads_wanted = choose_offloads(offload, self.batch, self.datapath_kind)
         self.offloads = Offloads()  # what the kernel granted, known after start()
         self.port = config.backend.port
-        mod = core_module(self.datapath_kind)
-        self.table = mod.RouteTable(int(self.network.network_address), self.network.prefixlen,
-                                    config.subnet_len)
-        self.core = mod.PacketCore(self.table, self.mtu)
         self.tun: TunDevice | None = None
         self.sock: socket.socket | None = None
         self.datapath: Datapath | None = None

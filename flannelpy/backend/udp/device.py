@@ -55,6 +55,8 @@ def open_tun(name: str, vnet_hdr: bool = False) -> tuple[int, str]:
         raise TunError("/dev/net/tun is missing: load the tun module (modprobe tun)") from None
     except PermissionError:
         raise TunError("cannot open /dev/net/tun: run as root or with CAP_NET_ADMIN") from None
+    except OSError as e:  # ENODEV: a device node without the tun driver behind it
+        raise TunError(f"cannot open /dev/net/tun: {e.strerror}; is the tun module loaded (modprobe tun)?") from None
     try:
         ifr = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0))
         out = fcntl.ioctl(fd, TUNSETIFF, ifr)
