@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.netns.conftest import NETWORK, Node, Pair, build_pair, new_prefix, nsexec, wait_for
+from tests.netns.conftest import NETWORK, Node, Pair, build_pair, kill_netns, new_prefix, nsexec, wait_for
 from tests.netns.test_udp_datapath import ping, py
 
 pytestmark = [
@@ -259,3 +259,66 @@ def test_stop_removes_the_device_and_frees_the_port(fresh_udp_pair: Pair) -> Non
         assert ping(udp_pair.containers[0], udp_pair.container_ips[1], count=1).returncode == 0
     finally:
         again.stop()
+
+
+CANCELLED_START = r"""
+import asyncio, json, subprocess, time
+from ipaddress import IPv4Address, IPv4Network
+from flannelpy.backend.base import ExternalInterface
+from flannelpy.backend.udp import backend as udp
+from flannelpy.config import parse_config
+from flannelpy.subnet.lease import Lease, LeaseAttrs
+
+config = parse_config(b'{"Network":"10.10.0.0/16","Backend":{"Type":"udp"}}')
+iface = ExternalInterface("lo", 1, IPv4Address("127.0.0.1"), IPv4Address("127.0.0.1"), 1500)
+lease = Lease(IPv4Network("10.10.1.0/24"), LeaseAttrs(IPv4Address("127.0.0.1")))
+create = udp.TunDevice.create.__func__
+
+def slow_create(cls, *args, **kwargs):
+    time.sleep(0.5)  # the cancellation comes while the device is being made
+    return create(cls, *args, **kwargs)
+
+def devices():
+    return subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout.count("flannel0")
+
+async def main():
+    first = udp.UdpBackend(config, iface, datapath="compiled", rtprio=0)
+    udp.TunDevice.create = classmethod(slow_create)
+    start = asyncio.ensure_future(first.start(lease))
+    await asyncio.sleep(0.1)
+    start.cancel()
+    try:
+        await start
+        cancelled = False
+    except asyncio.CancelledError:
+        cancelled = True
+    await first.stop()
+    udp.TunDevice.create = classmethod(create)
+    left = devices()
+    second = udp.UdpBackend(config, iface, datapath="compiled", rtprio=0)
+    try:
+        await second.start(lease)
+        again = "ok"
+    except Exception as e:
+        again = str(e)
+    await second.stop()
+    print(json.dumps({"cancelled": cancelled, "left": left, "again": again, "after": devices()}))
+
+asyncio.run(main())
+"""
+
+
+def test_a_start_cancelled_while_flannel0_is_made_leaves_no_device_behind() -> None:
+    # An embedding program's wait_for(node.start(), ...) can cancel it at any point.
+    ns = new_prefix() + "cx"
+    added = subprocess.run(["ip", "netns", "add", ns], capture_output=True, text=True)
+    assert added.returncode == 0, added.stderr
+    try:
+        nsexec(ns, "ip", "link", "set", "lo", "up")
+        out = py(ns, CANCELLED_START)
+        assert out.returncode == 0, out.stderr[-2000:]
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert result == {"cancelled": True, "left": 0, "again": "ok", "after": 0}, result
+    finally:
+        kill_netns(ns)
+

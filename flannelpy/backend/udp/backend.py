@@ -21,6 +21,7 @@ The constructor's datapath=, batch=, offload=, threads= and rtprio= take precede
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import threading
@@ -112,8 +113,17 @@ class UdpBackend(Backend):
         self._loop = asyncio.get_running_loop()
         address = lease.subnet.network_address  # flanneld gives flannel0 `<subnet>.0/32`
         wanted = self.offloads_wanted
-        self.tun = await asyncio.to_thread(TunDevice.create, self.tun_name, address, self.mtu, self.network,
-                                           vnet_hdr=wanted.vnet_hdr, tso=wanted.tso)
+        creating = asyncio.ensure_future(asyncio.to_thread(
+            TunDevice.create, self.tun_name, address, self.mtu, self.network, vnet_hdr=wanted.vnet_hdr,
+            tso=wanted.tso))
+        try:
+            self.tun = await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            # The thread goes on and creates the device: close it, or flannel0 stays busy for the next start.
+            with contextlib.suppress(Exception):
+                tun = await creating
+                await asyncio.to_thread(tun.close)
+            raise
         try:
             self.sock = self._bind()
             self.offloads = Offloads(tso=self.tun.tso, gso=wanted.gso and enable_udp_gso(self.sock),
