@@ -25,9 +25,14 @@ class NodeCollector:
     def collect(self) -> Iterator[Metric]:
         node = self.node
         counters: dict[str, int] = node.counters()
-        packets = CounterMetricFamily("flannel_packets", "Packets moved by the data path (encap: to peers, "
-                                      "decap: from peers)", labels=["direction"])
-        nbytes = CounterMetricFamily("flannel_bytes", "Bytes moved by the data path", labels=["direction"])
+        # Counted when a packet passes the checks, before the system call: a send or write the kernel then
+        # refuses is also a send_error/write_error drop. Counting after it would need a decrement, and a
+        # Prometheus counter must never go down.
+        packets = CounterMetricFamily("flannel_packets", "Packets the data path passed on (encap: to peers, "
+                                      "decap: from peers), send_error/write_error drops included",
+                                      labels=["direction"])
+        nbytes = CounterMetricFamily("flannel_bytes", "Bytes of the packets in flannel_packets_total",
+                                     labels=["direction"])
         drops = CounterMetricFamily("flannel_drops", "Packets dropped by the data path, by reason",
                                     labels=["direction", "reason"])
         other = CounterMetricFamily("flannel_backend_events", "Other backend counters (ICMP sent, "
