@@ -158,14 +158,17 @@ class MemoryRegistry:
         with CompactedError, as a watch that fell behind a compaction does."""
         rev = self.revision if revision is None else revision
         self.compact_revision = rev
-        self._history = [e for e in self._history if e.revision >= rev]
+        # As etcd: what is at the compact revision survives only as the keys' state, so a delete's
+        # tombstone there is gone (a watch from that revision does not see it).
+        self._history = [e for e in self._history
+                         if e.revision > rev or (e.revision == rev and e.type is not EventType.DELETE)]
         if cancel_watches:
             for _, queue in self._watchers:
                 queue.put_nowait(CompactedError(rev))
 
     async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[list[WatchEvent]]:
         self._check("watch")
-        if start_revision < self.compact_revision:
+        if start_revision <= self.compact_revision:  # as EtcdRegistry: a tombstone there may be gone
             raise CompactedError(self.compact_revision)
         queue: asyncio.Queue[list[WatchEvent] | BaseException] = asyncio.Queue()
         past = [e for e in self._history if e.revision >= start_revision and e.key.startswith(prefix)]

@@ -11,6 +11,7 @@ stream and reports compaction so the caller re-lists.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import random
 import time
@@ -174,6 +175,7 @@ def parse_endpoints(endpoints: list[str], tls: bool) -> list[Endpoint]:
 
 
 _FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+PROGRESS_EVERY = 20.0  # seconds between progress requests on a quiet watch (readiness counts etcd stale at 60)
 
 
 def _is_token_error(e: grpc.aio.AioRpcError) -> bool:
@@ -197,6 +199,7 @@ class _Conn:
         self.watch = rpc.WatchStub(channel)
         self.auth = rpc.AuthStub(channel)
         self.token: str | None = None
+        self.dropped = False  # closed by a failover: calls still on it were cancelled by grpc, not by us
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -334,6 +337,7 @@ class EtcdRegistry:
     async def _drop(self, conn: _Conn, why: str) -> None:
         async with self._conn_lock:
             if self._conn is conn:
+                conn.dropped = True
                 self._conn = None
                 self._index = (self._index + 1) % len(self.endpoints)
                 log.warning("etcd endpoint failed; trying the next one", endpoint=conn.endpoint.url,
@@ -359,6 +363,14 @@ class EtcdRegistry:
                 continue
             try:
                 result = await fn(conn)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not conn.dropped or (task is not None and task.cancelling()):
+                    raise
+                # Another call failed over and closed this channel under us: go on to the next endpoint.
+                errors.append(f"{conn.endpoint.url}: channel closed by a failover")
+                attempt += 1
+                continue
             except grpc.aio.AioRpcError as e:
                 if e.code() in _FAILOVER_CODES:
                     errors.append(f"{conn.endpoint.url}: {e.code().name}: {e.details()}")
@@ -536,10 +548,17 @@ class EtcdRegistry:
                             start_revision: int) -> AsyncIterator[tuple[list[WatchEvent], int]]:
         # "hasleader" makes a member that lost its quorum cancel the watch instead of going silent.
         call = conn.watch.Watch(metadata=(*conn.metadata, ("hasleader", "true")))
+        ticker: asyncio.Future[None] | None = None
         try:
+            # From one revision earlier than needed, that one's events dropped below: a compaction at
+            # start_revision itself removes a delete's tombstone there without refusing a watch from it,
+            # and the delete would be lost; from start_revision - 1 etcd reports the compaction instead.
             await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
-                key=prefix, range_end=prefix_range_end(prefix), start_revision=start_revision,
+                key=prefix, range_end=prefix_range_end(prefix), start_revision=max(1, start_revision - 1),
                 progress_notify=True)))
+            # etcd's own progress notifications come after 10 quiet minutes; ask every PROGRESS_EVERY s so
+            # an idle but healthy cluster keeps last_success (and /readyz) fresh.
+            ticker = asyncio.ensure_future(self._ask_progress(call))
             last = start_revision - 1
             while True:
                 resp = await call.read()
@@ -558,7 +577,7 @@ class EtcdRegistry:
                     WatchEvent(EventType.PUT if ev.type == rpc.Event.PUT else EventType.DELETE,
                                _decode_key(ev.kv.key), bytes(ev.kv.value), int(ev.kv.lease),
                                int(ev.kv.mod_revision), int(ev.kv.create_revision))
-                    for ev in resp.events
+                    for ev in resp.events if ev.kv.mod_revision >= start_revision
                 ]
                 if events:
                     last = max(last, events[-1].revision)
@@ -567,7 +586,16 @@ class EtcdRegistry:
                     last = max(last, int(resp.header.revision))
                 yield events, last
         finally:
+            if ticker is not None:
+                ticker.cancel()
             call.cancel()
+
+    @staticmethod
+    async def _ask_progress(call: Any) -> None:
+        with contextlib.suppress(Exception):  # the stream broke: the reader sees it and resumes
+            while True:
+                await asyncio.sleep(PROGRESS_EVERY)
+                await call.write(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
 
     async def close(self) -> None:
         self._closed = True

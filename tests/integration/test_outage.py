@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 from structlog.testing import capture_logs
 
 from flannelpy.config import NetworkConfig
@@ -108,6 +109,35 @@ async def test_compaction_while_cut_off_relists_with_a_correct_diff(private_etcd
         await direct.close()
 
 
+async def test_a_delete_compacted_at_the_resume_revision_is_not_lost(private_etcd: EtcdCluster,
+                                                                      prefix: str) -> None:
+    # The only change while we were cut off is a delete, and etcd compacts at its very revision: a watch
+    # from that revision is accepted but no longer holds the delete (its tombstone went with the compaction).
+    etcdctl(private_etcd, "put", f"{prefix}/config", CONFIG_JSON)
+    proxy = TcpProxy("127.0.0.1", int(private_etcd.endpoints[0].rsplit(":", 1)[1]))
+    await proxy.start()
+    reg = EtcdRegistry([proxy.endpoint], max_backoff=1.0)
+    direct = EtcdRegistry(private_etcd.endpoints)
+    try:
+        m = SubnetManager(reg, prefix)
+        config = await m.get_network_config()
+        two = await claim(private_etcd.endpoints, prefix, config, 2)
+        lease = await m.acquire_lease(config, host(1))
+        it = m.watch_leases(config, lease)
+        assert (await next_diff(it))[0] == [str(two.subnet)]
+        await proxy.stop()
+        etcdctl(private_etcd, "del", f"{prefix}/subnets/{two.key}")
+        _, revision = await direct.list_prefix(prefix)
+        await direct.compact(revision)  # the delete's own revision
+        await proxy.start()
+        assert await next_diff(it, timeout=30) == ([], [str(two.subnet)])
+        await it.aclose()
+    finally:
+        await proxy.stop()
+        await reg.close()
+        await direct.close()
+
+
 async def test_frozen_member_is_left_for_another(tmp_path: Path, prefix: str) -> None:
     members = [EtcdMemberSpec(f"m{i}", "127.0.0.1", free_port(), free_port()) for i in range(3)]
     with EtcdCluster(tmp_path / "etcd", members) as cluster:
@@ -147,5 +177,53 @@ async def test_config_wait_survives_etcd_being_down(private_etcd: EtcdCluster, p
         etcdctl(private_etcd, "put", f"{prefix}/config", CONFIG_JSON)
         config = await asyncio.wait_for(task, 30)
         assert str(config.network) == "10.5.0.0/16"
+    finally:
+        await reg.close()
+
+
+async def test_a_quiet_watch_keeps_etcd_counted_as_reached(etcd: EtcdCluster, prefix: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # /readyz fails once etcd has not answered for 60 s; on an idle cluster only the watch talks to etcd,
+    # and etcd's own progress notifications come after 10 quiet minutes. The watch asks for progress.
+    import flannelpy.subnet.registry as registry_module
+
+    monkeypatch.setattr(registry_module, "PROGRESS_EVERY", 0.3)
+    reg = EtcdRegistry(etcd.endpoints)
+    try:
+        _, revision = await reg.list_prefix(prefix)
+
+        async def watch() -> None:
+            async for _ in reg.watch_prefix(prefix + "/subnets/", revision + 1):
+                pass
+
+        watcher = asyncio.create_task(watch())
+        await asyncio.sleep(0.5)
+        seen = reg.last_success
+        await asyncio.sleep(1.5)  # nothing under the prefix changes, no other request is made
+        assert reg.last_success is not None and seen is not None and reg.last_success > seen + 0.5
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    finally:
+        await reg.close()
+
+
+async def test_calls_in_flight_when_another_fails_over_fail_over_too(private_etcd: EtcdCluster,
+                                                                     prefix: str) -> None:
+    # The first call's failover closes the shared channel; grpc cancels the other call on it, which must
+    # come out as "etcd unavailable" (retried by its caller), not as a cancellation that ends a loop.
+    reg = EtcdRegistry(private_etcd.endpoints, dial_timeout=2, request_timeout=3)
+    try:
+        await reg.put(f"{prefix}/k", b"v")
+        private_etcd.pause_member("etcd0")
+        try:
+            first = asyncio.create_task(reg.get(f"{prefix}/k"))
+            await asyncio.sleep(1.5)
+            second = asyncio.create_task(reg.list_prefix(f"{prefix}/"))
+            results = await asyncio.gather(first, second, return_exceptions=True)
+        finally:
+            private_etcd.resume_member("etcd0")
+        assert [type(r).__name__ for r in results] == ["RegistryUnavailableError"] * 2, results
+        assert (await reg.get(f"{prefix}/k")) is not None  # and the registry works again
     finally:
         await reg.close()
