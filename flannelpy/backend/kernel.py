@@ -126,8 +126,13 @@ class KernelBackend(Backend, abc.ABC):
         await self.nl.close()
 
     def counters(self) -> dict[str, int]:
-        """Reconcile rounds, kernel entries added/removed (by kind), failed operations, unrouted leases."""
-        return {"reconciles": self.reconciles, "leases_not_routed": len(self._reported), **self._counts}
+        """Reconcile rounds, kernel entries added/removed (by kind), failed operations: counters, never down."""
+        return {"reconciles": self.reconciles, **self._counts}
+
+    @property
+    def leases_not_routed(self) -> int:
+        """Remote leases this backend does not route now (a gauge: it falls when they go or become routable)."""
+        return len(self._reported)
 
     def _count(self, todo: Plan, failures: list[str], stale: bool) -> None:
         for key, value in todo.summary().items():

@@ -70,6 +70,10 @@ class NodeCollector:
             lag.add_metric([], time.time() - node.last_event_at)
         yield lag
         backend = getattr(node, "backend", None)
+        unrouted = getattr(backend, "leases_not_routed", None) if backend else None
+        if unrouted is not None:
+            yield GaugeMetricFamily("flannel_leases_not_routed", "Remote leases the vxlan/host-gw backend does not "
+                                    "route now (the log says why, once per lease)", value=unrouted)
         realtime = getattr(backend, "realtime_threads", None) if backend else None
         if realtime is not None:
             yield GaugeMetricFamily("flannel_realtime_threads", "udp data-path loops running under SCHED_RR now "

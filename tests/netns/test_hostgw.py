@@ -184,6 +184,10 @@ async def test_mismatched_backend_and_unreachable_peer_not_routed(lab: Topology,
     assert sorted(e["subnet"] for e in reports) == ["10.5.40.0/24", "10.5.41.0/24", "10.5.42.0/24"]
     far_report = next(e for e in reports if e["subnet"] == "10.5.42.0/24")
     assert "directly connected" in far_report["reason"] and far_report["public_ip"] == "192.0.2.7"
+    assert n1.backend.leases_not_routed == 3  # flannel_leases_not_routed
+    await n1.backend.apply([], [vxlan, udp])
+    await n1.backend.reconcile()
+    assert n1.backend.leases_not_routed == 1
 
 
 async def test_a_peer_behind_an_on_link_route_is_routed_as_the_kernel_allows(lab: Topology, nodes: Nodes) -> None:

@@ -83,3 +83,23 @@ async def test_a_port_in_use_is_a_clear_error_naming_the_flag() -> None:
             await second.start()
     finally:
         await first.stop()
+
+
+async def test_an_oversized_request_line_is_dropped_quietly_and_the_server_goes_on() -> None:
+    server, _ = _server()
+    unhandled: list[dict[str, Any]] = []  # what asyncio would print as a multi-line traceback
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: unhandled.append(context))
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\n\r\n")
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, no answer, nothing raised
+        writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\n\r\n")
+        assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200 OK")
+        writer.close()
+        assert unhandled == []
+    finally:
+        await server.stop()

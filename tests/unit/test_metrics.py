@@ -62,3 +62,14 @@ def test_realtime_loops_are_a_gauge_only_for_a_backend_that_has_them() -> None:
                        backend=SimpleNamespace())
     body = render_metrics(vxlan, SimpleNamespace(reconnects=0))[0]
     assert "flannel_realtime_threads" not in body and "flannel_realtime_refused" not in body
+
+
+def test_unrouted_leases_are_a_gauge_not_a_counter() -> None:
+    # The number falls when a lease goes or becomes routable: as a counter, Prometheus would see a reset.
+    node: Any = _Node(values={"reconciles": 4}, routes=RouteTable(), lease=None, config=None, last_event_at=None,
+                      backend=SimpleNamespace(leases_not_routed=3))
+    body, _ = render_metrics(node, SimpleNamespace(reconnects=0))
+    assert "# TYPE flannel_leases_not_routed gauge" in body and "flannel_leases_not_routed 3.0" in body
+    assert "leases_not_routed" not in body.split("flannel_backend_events_total", 1)[-1].split("# HELP", 1)[0]
+    node.backend.leases_not_routed = 1
+    assert "flannel_leases_not_routed 1.0" in render_metrics(node, SimpleNamespace(reconnects=0))[0]
