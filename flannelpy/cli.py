@@ -173,7 +173,7 @@ def config_main(argv: Sequence[str]) -> int:
     p = _client_parser("config")
     p.add_argument("action", choices=("get", "set"))
     p.add_argument("value", nargs="?", help="for set: a JSON object, a file name, or - for standard input")
-    ns = p.parse_args(_normalise(argv))
+    ns = p.parse_intermixed_args(_normalise(argv))  # flags may come after "set", as in the docs
 
     async def go() -> int:
         from flannelpy.errors import ConfigError

@@ -9,8 +9,8 @@ class ExitCode(enum.IntEnum):
     """Documented in docs/operations.md; stable across releases."""
 
     OK = 0  # clean shutdown (SIGTERM/SIGINT); the lease is kept
-    ERROR = 1  # start-up failure: bad flags, no interface, backend could not start
-    CONFIG = 2  # network config invalid
+    ERROR = 1  # start-up failure: no interface, backend could not start
+    CONFIG = 2  # network config invalid, or a bad flag / variable (argparse exits 2, as Go's flag package)
     OUT_OF_SUBNETS = 3  # every subnet between SubnetMin and SubnetMax is leased
     LEASE_REVOKED = 4  # our lease key was deleted by someone else
 

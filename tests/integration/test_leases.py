@@ -196,3 +196,16 @@ async def test_reservation_is_kept_permanent(etcd: EtcdCluster, prefix: str, reg
     assert lease.subnet == IPv4Network("10.5.33.0/24") and lease.is_reservation
     stored = json.loads(etcdctl(etcd, "get", f"{prefix}/subnets/10.5.33.0-24", "-w", "json"))
     assert "lease" not in stored["kvs"][0]  # still no etcd lease attached
+
+
+def test_config_set_and_get_as_the_quickstart_writes_them(etcd: EtcdCluster, prefix: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from flannelpy.cli import main
+
+    endpoints = f"--etcd-endpoints={','.join(etcd.endpoints)}"
+    # docs/quickstart.md and the daemon's missing-config hint: the flags between "set" and the JSON.
+    assert main(["config", "set", endpoints, f"--etcd-prefix={prefix}", '{"Network":"10.10.0.0/16"}']) == 0
+    assert json.loads(etcdctl(etcd, "get", "--print-value-only", f"{prefix}/config")) == {"Network": "10.10.0.0/16"}
+    capsys.readouterr()
+    assert main(["config", "get", endpoints, f"--etcd-prefix={prefix}"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"Network": "10.10.0.0/16"}
