@@ -88,6 +88,7 @@ cdef extern from "<poll.h>" nogil:
     int poll(pollfd* fds, unsigned long nfds, int timeout)
     enum:
         POLLIN
+        POLLOUT
         POLLERR
         POLLHUP
         POLLNVAL
@@ -187,10 +188,12 @@ cdef enum:
     RT_HISTORY = 10             # windows (1 s) over which a loop looks for sparse packets
     RT_FLOWS = 8                # bulk flows remembered (see rt_sparse)
     RT_SPARSE_WINDOWS = 4       # of the last RT_HISTORY windows of a transfer, with sparse packets
+    SEND_WAIT_MS = 20           # per flush, at most this long waiting for room in a full socket buffer
 
 
 cdef struct Sender:
     int sock
+    int stop_fd                 # a stop request ends a wait for room in the send buffer
     unsigned short nport
     int gso
     int gso_error
@@ -206,9 +209,10 @@ cdef struct Sender:
     int* closed
 
 
-cdef int sender_init(Sender* s, int sock, unsigned short nport, int gso) noexcept:
+cdef int sender_init(Sender* s, int sock, unsigned short nport, int gso, int stop_fd) noexcept:
     memset(s, 0, sizeof(Sender))
     s.sock = sock
+    s.stop_fd = stop_fd
     s.nport = nport
     s.gso = gso
     s.msgs = <mmsghdr*>calloc(MSGCAP, sizeof(mmsghdr))
@@ -279,10 +283,37 @@ cdef void sender_push(Sender* s, uint64_t* counts, unsigned char* h, size_t hl, 
     s.niov += 2
 
 
+cdef int send_room(Sender* s, int* budget_ms) noexcept nogil:
+    """The socket's send buffer is full (a congested way to some peer): wait for room, at most what is left
+    of the flush's budget and never past a stop request. 1: try again; 0: give up, drop."""
+    cdef pollfd fds[2]
+    cdef uint64_t t0
+    cdef int r, spent
+    if budget_ms[0] <= 0:
+        return 0
+    fds[0].fd = s.sock
+    fds[0].events = POLLOUT
+    fds[0].revents = 0
+    fds[1].fd = s.stop_fd
+    fds[1].events = POLLIN
+    fds[1].revents = 0
+    t0 = mono_ns()
+    r = poll(fds, 2 if s.stop_fd >= 0 else 1, budget_ms[0])
+    spent = <int>((mono_ns() - t0) // 1000000)
+    budget_ms[0] -= spent if spent > 0 else 1
+    if r <= 0 or fds[1].revents:
+        budget_ms[0] = 0  # out of time, or asked to stop: drop the rest at once
+        return 0
+    return 1 if fds[0].revents & POLLOUT else 0
+
+
 cdef void sender_flush(Sender* s, uint64_t* counts) noexcept nogil:
     """Sends every queued message with sendmmsg; a GSO message the kernel refuses goes out datagram by
-    datagram (and EIO/EINVAL, which stay, switch GSO off); a failed datagram is counted, not retried."""
-    cdef int m, r, sent = 0, err
+    datagram (and EIO/EINVAL, which stay, switch GSO off); a failed datagram is counted, not retried.
+    The sends never block: with the send buffer full the flush waits at most SEND_WAIT_MS for room (and
+    not past a stop request), then drops; a blocked send would hold up the other direction and every
+    other peer, and stop() too."""
+    cdef int m, r, sent = 0, err, budget = SEND_WAIT_MS
     cdef cmsghdr* c
     cdef unsigned short size
     for m in range(s.nmsg):
@@ -299,10 +330,16 @@ cdef void sender_flush(Sender* s, uint64_t* counts) noexcept nogil:
             s.msgs[m].msg_hdr.msg_control = NULL
             s.msgs[m].msg_hdr.msg_controllen = 0
     while sent < s.nmsg:
-        r = sendmmsg(s.sock, s.msgs + sent, s.nmsg - sent, 0)
+        r = sendmmsg(s.sock, s.msgs + sent, s.nmsg - sent, MSG_DONTWAIT)
         if r < 0:
             err = errno
             if err == EINTR:
+                continue
+            if err == EAGAIN:
+                if send_room(s, &budget):
+                    continue
+                counts[C_ENCAP_DROP_SEND_ERROR] += s.nseg[sent]  # every datagram of the message
+                sent += 1
                 continue
             if s.nseg[sent] > 1:
                 if err == EIO or err == EINVAL:
@@ -329,7 +366,7 @@ cdef void sender_send_singly(Sender* s, uint64_t* counts, int m) noexcept nogil:
         one[j].msg_hdr.msg_iov = s.msgs[m].msg_hdr.msg_iov + 2 * j
         one[j].msg_hdr.msg_iovlen = 2
     while sent < k:
-        r = sendmmsg(s.sock, one + sent, k - sent, 0)
+        r = sendmmsg(s.sock, one + sent, k - sent, MSG_DONTWAIT)
         if r < 0:
             if errno == EINTR:
                 continue
@@ -822,8 +859,8 @@ cdef int encap_init(Encap* e, Datapath dp) except -1:
     e.arena = <unsigned char*>malloc(ARENA)
     e.hdrs = <unsigned char*>malloc(HDR_SCRATCH)
     e.reply = <unsigned char*>calloc(1, ICMP_REPLY_MAX_C)
-    if (sender_init(&e.s, dp.udp_fd, htons(<unsigned short>dp.port), dp.gso) < 0 or e.arena == NULL
-            or e.hdrs == NULL or e.reply == NULL):
+    if (sender_init(&e.s, dp.udp_fd, htons(<unsigned short>dp.port), dp.gso, dp.stop_fd) < 0
+            or e.arena == NULL or e.hdrs == NULL or e.reply == NULL):
         raise MemoryError()
     return 0
 

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from tests.netns.conftest import Pair, nsexec, sh
+from tests.netns.conftest import Pair, kill_netns, new_prefix, nsexec, sh
 
 pytestmark = [
     pytest.mark.root,
@@ -326,3 +326,66 @@ def test_bursts_of_udp_datagrams_arrive_whole_and_separate(udp_pair: Pair) -> No
         assert writes < delivered  # coalesced
     else:
         assert writes == delivered
+
+
+CONGESTED = r"""
+import json, socket, sys, time
+from ipaddress import IPv4Network
+from flannelpy.backend.udp.fake import FakeNode
+from tests.unit.test_offload import tcp_packet
+
+net = IPv4Network("10.10.0.0/16")
+kind, threads = sys.argv[1], int(sys.argv[2])
+a = FakeNode(kind, net, 24, IPv4Network("10.10.1.0/24"), "10.99.0.1", 8285, offload=False, threads=threads)
+b = FakeNode(kind, net, 24, IPv4Network("10.10.2.0/24"), "127.0.0.3", 8285, offload=False, threads=threads)
+a.route(b)
+b.route(a)
+# C's subnet lies behind a 16 kbit/s link: A's socket send buffer fills within a second.
+a.table.set(int(IPv4Network("10.10.9.0/24").network_address), int.from_bytes(socket.inet_aton("10.99.0.2"), "big"))
+a.tun.kernel.settimeout(0.2)
+end = time.monotonic() + 2.5
+while time.monotonic() < end:
+    try:
+        a.tun.kernel.send(tcp_packet(b"y" * 1400, dst="10.10.9.3"))
+    except TimeoutError:
+        pass
+before = a.core.counters()["decap_packets"]
+for i in range(5):  # B -> A over the loopback, which is not congested
+    b.tun.inject(tcp_packet(b"hello", src="10.10.2.3", dst="10.10.1.2", seq=i))
+got = [a.tun.receive(3.0) for _ in range(5)]
+t0 = time.monotonic()
+a.datapath.stop()
+for t in a.threads:
+    t.join(10)
+print(json.dumps({"delivered": sum(p is not None for p in got),
+                  "decap": a.core.counters()["decap_packets"] - before,
+                  "dropped": a.core.counters()["encap_drop_send_error"],
+                  "stopped_in": round(time.monotonic() - t0, 1), "alive": [t.is_alive() for t in a.threads]}))
+b.stop()
+"""
+
+
+@pytest.mark.parametrize(("kind", "threads"), [("compiled", 1), ("compiled", 2), ("python", 2)])
+def test_a_congested_peer_holds_up_neither_other_traffic_nor_stop(kind: str, threads: int) -> None:
+    """The way to one peer is slower than what is sent to it: the socket's send buffer fills. Sends never
+    block, so packets from other peers still arrive and stop() is seen at once; what does not fit is a
+    counted send_error drop, as with a full qdisc."""
+    ns = new_prefix() + "cg"
+    sh("ip", "netns", "add", ns)
+    try:
+        nsexec(ns, "ip", "link", "set", "lo", "up")
+        nsexec(ns, "ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1")
+        nsexec(ns, "ip", "addr", "add", "10.99.0.1/24", "dev", "v0")
+        nsexec(ns, "ip", "link", "set", "v0", "up")
+        nsexec(ns, "ip", "link", "set", "v1", "up")
+        nsexec(ns, "ip", "neigh", "add", "10.99.0.2", "lladdr", "02:00:00:00:00:02", "dev", "v0", "nud", "permanent")
+        nsexec(ns, "tc", "qdisc", "add", "dev", "v0", "root", "tbf", "rate", "16kbit", "burst", "1600",
+               "limit", "40mb")
+        out = nsexec(ns, sys.executable, "-c", CONGESTED, kind, str(threads), check=False, timeout=90)
+        assert out.returncode == 0, out.stderr[-2000:]
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert result["delivered"] == result["decap"] == 5, result
+        # Stopped within the 10 s join (a loop blocked in a send took 20 s and more).
+        assert result["dropped"] > 0 and result["alive"] == [False] * threads, result
+    finally:
+        kill_netns(ns)

@@ -291,7 +291,9 @@ class PythonDatapath:
             verdict, value = core.encap(view, reply)
             if verdict == packet.FORWARD:
                 try:
-                    sock.sendto(view, (str_ip(value), port))
+                    # Never blocks (a full send buffer drops, as the compiled path does after a short wait):
+                    # a blocked send would stall the other direction and stop().
+                    sock.sendto(view, socket.MSG_DONTWAIT, (str_ip(value), port))
                 except OSError:
                     core.count(packet.ENCAP_DROP_SEND_ERROR)
             elif verdict == packet.ICMP:
