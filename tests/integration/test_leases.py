@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import subprocess
+import sys
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -198,14 +200,16 @@ async def test_reservation_is_kept_permanent(etcd: EtcdCluster, prefix: str, reg
     assert "lease" not in stored["kvs"][0]  # still no etcd lease attached
 
 
-def test_config_set_and_get_as_the_quickstart_writes_them(etcd: EtcdCluster, prefix: str,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    from flannelpy.cli import main
+def test_config_set_and_get_as_the_quickstart_writes_them(etcd: EtcdCluster, prefix: str) -> None:
+    # As an operator runs it (a process of its own: the CLI sets up logging for the whole process).
+    def flannelpy(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "flannelpy", *args], capture_output=True, text=True,
+                              timeout=60)
 
     endpoints = f"--etcd-endpoints={','.join(etcd.endpoints)}"
     # docs/quickstart.md and the daemon's missing-config hint: the flags between "set" and the JSON.
-    assert main(["config", "set", endpoints, f"--etcd-prefix={prefix}", '{"Network":"10.10.0.0/16"}']) == 0
+    done = flannelpy("config", "set", endpoints, f"--etcd-prefix={prefix}", '{"Network":"10.10.0.0/16"}')
+    assert done.returncode == 0, done.stderr
     assert json.loads(etcdctl(etcd, "get", "--print-value-only", f"{prefix}/config")) == {"Network": "10.10.0.0/16"}
-    capsys.readouterr()
-    assert main(["config", "get", endpoints, f"--etcd-prefix={prefix}"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"Network": "10.10.0.0/16"}
+    got = flannelpy("config", "get", endpoints, f"--etcd-prefix={prefix}")
+    assert got.returncode == 0 and json.loads(got.stdout) == {"Network": "10.10.0.0/16"}, got.stderr

@@ -77,17 +77,28 @@ async def test_etcd_stopped_and_started_again(private_etcd: EtcdCluster, prefix:
         await reg.close()
 
 
-async def test_compaction_while_cut_off_relists_with_a_correct_diff(private_etcd: EtcdCluster,
-                                                                    prefix: str) -> None:
-    etcdctl(private_etcd, "put", f"{prefix}/config", CONFIG_JSON)
-    host_port = private_etcd.endpoints[0].rsplit(":", 1)
-    proxy = TcpProxy("127.0.0.1", int(host_port[1]))
+@contextlib.asynccontextmanager
+async def behind_a_proxy(cluster: EtcdCluster,
+                         prefix: str) -> AsyncIterator[tuple[TcpProxy, EtcdRegistry, SubnetManager, NetworkConfig]]:
+    """Our manager reaches etcd through a proxy the test can cut (proxy.stop()) while etcd runs on; `direct`
+    is a connection of its own, for what happens meanwhile."""
+    etcdctl(cluster, "put", f"{prefix}/config", CONFIG_JSON)
+    proxy = TcpProxy("127.0.0.1", int(cluster.endpoints[0].rsplit(":", 1)[1]))
     await proxy.start()
     reg = EtcdRegistry([proxy.endpoint], max_backoff=1.0)
-    direct = EtcdRegistry(private_etcd.endpoints)
+    direct = EtcdRegistry(cluster.endpoints)
     try:
         m = SubnetManager(reg, prefix)
-        config = await m.get_network_config()
+        yield proxy, direct, m, await m.get_network_config()
+    finally:
+        await proxy.stop()
+        await reg.close()
+        await direct.close()
+
+
+async def test_compaction_while_cut_off_relists_with_a_correct_diff(private_etcd: EtcdCluster,
+                                                                    prefix: str) -> None:
+    async with behind_a_proxy(private_etcd, prefix) as (proxy, direct, m, config):
         two = await claim(private_etcd.endpoints, prefix, config, 2)
         three = await claim(private_etcd.endpoints, prefix, config, 3)
         lease = await m.acquire_lease(config, host(1))
@@ -103,24 +114,13 @@ async def test_compaction_while_cut_off_relists_with_a_correct_diff(private_etcd
             assert await next_diff(it) == ([str(four.subnet)], [str(two.subnet)])
         assert any("compacted" in str(e["event"]) for e in logs)
         await it.aclose()
-    finally:
-        await proxy.stop()
-        await reg.close()
-        await direct.close()
 
 
 async def test_a_delete_compacted_at_the_resume_revision_is_not_lost(private_etcd: EtcdCluster,
                                                                       prefix: str) -> None:
     # The only change while we were cut off is a delete, and etcd compacts at its very revision: a watch
     # from that revision is accepted but no longer holds the delete (its tombstone went with the compaction).
-    etcdctl(private_etcd, "put", f"{prefix}/config", CONFIG_JSON)
-    proxy = TcpProxy("127.0.0.1", int(private_etcd.endpoints[0].rsplit(":", 1)[1]))
-    await proxy.start()
-    reg = EtcdRegistry([proxy.endpoint], max_backoff=1.0)
-    direct = EtcdRegistry(private_etcd.endpoints)
-    try:
-        m = SubnetManager(reg, prefix)
-        config = await m.get_network_config()
+    async with behind_a_proxy(private_etcd, prefix) as (proxy, direct, m, config):
         two = await claim(private_etcd.endpoints, prefix, config, 2)
         lease = await m.acquire_lease(config, host(1))
         it = m.watch_leases(config, lease)
@@ -132,10 +132,6 @@ async def test_a_delete_compacted_at_the_resume_revision_is_not_lost(private_etc
         await proxy.start()
         assert await next_diff(it, timeout=30) == ([], [str(two.subnet)])
         await it.aclose()
-    finally:
-        await proxy.stop()
-        await reg.close()
-        await direct.close()
 
 
 async def test_frozen_member_is_left_for_another(tmp_path: Path, prefix: str) -> None:

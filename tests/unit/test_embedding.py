@@ -70,15 +70,20 @@ async def test_a_node_with_ipv6_enabled_runs_on_an_ipv4_lease(tmp_path: Path) ->
     await node.stop()
 
 
+async def revoke(registry: flannelpy.MemoryRegistry, node: flannelpy.Node) -> None:
+    """Delete the node's lease key, as an operator would: its wait() raises LeaseRevokedError."""
+    assert node.lease is not None
+    await registry.delete(f"/coreos.com/network/subnets/{node.lease.key}")
+    with pytest.raises(LeaseRevokedError):
+        await asyncio.wait_for(node.wait(), 5)
+
+
 async def test_node_wait_raises_when_its_lease_is_deleted() -> None:
     registry = flannelpy.MemoryRegistry()
     await registry.put("/coreos.com/network/config", CONFIG)
     node = flannelpy.Node(registry, _iface(1), _options())
     await node.start()
-    assert node.lease is not None
-    await registry.delete(f"/coreos.com/network/subnets/{node.lease.key}")
-    with pytest.raises(LeaseRevokedError):
-        await asyncio.wait_for(node.wait(), 5)
+    await revoke(registry, node)
     await node.stop()
 
 
@@ -87,10 +92,7 @@ async def test_a_node_started_again_after_a_revocation_watches_and_renews_again(
     await registry.put("/coreos.com/network/config", CONFIG)
     node = flannelpy.Node(registry, _iface(1), _options())
     await node.start()
-    assert node.lease is not None
-    await registry.delete(f"/coreos.com/network/subnets/{node.lease.key}")
-    with pytest.raises(LeaseRevokedError):
-        await asyncio.wait_for(node.wait(), 5)
+    await revoke(registry, node)
     await node.stop()
 
     await node.start()  # a fresh lease: the old revocation must not end the new loops
@@ -103,10 +105,7 @@ async def test_a_node_started_again_after_a_revocation_watches_and_renews_again(
         await asyncio.sleep(0.01)
     assert [le.subnet for le in node.routes.leases()] == [peer.lease.subnet]
     assert all(not t.done() for t in node._tasks if t.get_name() in ("watch", "renew")), node._tasks
-    assert node.lease is not None
-    await registry.delete(f"/coreos.com/network/subnets/{node.lease.key}")
-    with pytest.raises(LeaseRevokedError):  # and a second revocation is reported again
-        await asyncio.wait_for(node.wait(), 5)
+    await revoke(registry, node)  # and a second revocation is reported again
     await node.stop()
     await peer.stop()
 
