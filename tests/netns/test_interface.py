@@ -6,6 +6,7 @@ inside a host's namespace; nothing here reads or changes the host namespace.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -88,19 +89,27 @@ def host() -> Iterator[tuple[str, str]]:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
 
 
-@pytest.fixture
-def bare() -> Iterator[tuple[str, str]]:
-    """A namespace with one addressed link and no default route."""
+@contextlib.contextmanager
+def one_link_namespace(name: str, link: str, *address: str) -> Iterator[tuple[str, str]]:
+    """A namespace `<prefix><name>` with one veth end `<prefix><link>`, up, holding `ip addr add` *address;
+    no routes of its own. Yields (namespace, prefix); deleted afterwards, whatever happened."""
     p = _prefix()
-    ns = f"{p}bare"
+    ns = f"{p}{name}"
     ip("netns", "add", ns)
     try:
-        ip("-n", ns, "link", "add", f"{p}c", "type", "veth", "peer", "name", f"{p}cp")
-        ip("-n", ns, "addr", "add", "10.88.0.2/24", "dev", f"{p}c")
-        ip("-n", ns, "link", "set", f"{p}c", "up")
+        ip("-n", ns, "link", "add", f"{p}{link}", "type", "veth", "peer", "name", f"{p}{link}p")
+        ip("-n", ns, "addr", "add", *address, "dev", f"{p}{link}")
+        ip("-n", ns, "link", "set", f"{p}{link}", "up")
         yield ns, p
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def bare() -> Iterator[tuple[str, str]]:
+    """A namespace with one addressed link and no default route."""
+    with one_link_namespace("bare", "c", "10.88.0.2/24") as made:
+        yield made
 
 
 def test_default_route_interface_when_nothing_is_given(host):
@@ -210,16 +219,8 @@ def test_unreachable_can_reach_target_is_an_error(bare):
 @pytest.fixture
 def p2p() -> Iterator[tuple[str, str]]:
     """A namespace whose link has a point-to-point address (OpenVPN, GRE, PPP): 10.66.0.1 peer 10.66.0.2."""
-    p = _prefix()
-    ns = f"{p}p2p"
-    ip("netns", "add", ns)
-    try:
-        ip("-n", ns, "link", "add", f"{p}t", "type", "veth", "peer", "name", f"{p}tp")
-        ip("-n", ns, "addr", "add", "10.66.0.1", "peer", "10.66.0.2/32", "dev", f"{p}t")
-        ip("-n", ns, "link", "set", f"{p}t", "up")
-        yield ns, p
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+    with one_link_namespace("p2p", "t", "10.66.0.1", "peer", "10.66.0.2/32") as made:
+        yield made
 
 
 def test_a_point_to_point_link_announces_its_own_address_not_the_far_end(p2p):

@@ -28,6 +28,16 @@ def _options(tmp_path: Path | None = None) -> flannelpy.NodeOptions:
                                  iptables_forward_rules=False)
 
 
+async def started(config: bytes = CONFIG,
+                  tmp_path: Path | None = None) -> tuple[flannelpy.MemoryRegistry, flannelpy.Node]:
+    """A registry holding `config` and a node started on it (host 192.0.2.1)."""
+    registry = flannelpy.MemoryRegistry()
+    await registry.put("/coreos.com/network/config", config)
+    node = flannelpy.Node(registry, _iface(1), _options(tmp_path))
+    await node.start()
+    return registry, node
+
+
 def test_documented_example_runs_and_two_nodes_learn_each_other() -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "docs" / "examples" / "embed.py")], capture_output=True,
                           text=True, timeout=60, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
@@ -40,10 +50,7 @@ def test_documented_example_runs_and_two_nodes_learn_each_other() -> None:
 
 
 async def test_node_writes_the_subnet_file_and_keeps_its_lease_on_stop(tmp_path: Path) -> None:
-    registry = flannelpy.MemoryRegistry()
-    await registry.put("/coreos.com/network/config", CONFIG)
-    node = flannelpy.Node(registry, _iface(1), _options(tmp_path))
-    await node.start()
+    registry, node = await started(tmp_path=tmp_path)
     assert node.ready
     assert node.lease is not None
     text = (tmp_path / "subnet.env").read_text()
@@ -59,11 +66,8 @@ async def test_node_writes_the_subnet_file_and_keeps_its_lease_on_stop(tmp_path:
 
 
 async def test_a_node_with_ipv6_enabled_runs_on_an_ipv4_lease(tmp_path: Path) -> None:
-    registry = flannelpy.MemoryRegistry()
-    await registry.put("/coreos.com/network/config", b'{"Network": "10.5.0.0/16", "EnableIPv6": true, '
-                       b'"IPv6Network": "fd00:5::/56", "Backend": {"Type": "alloc"}}')
-    node = flannelpy.Node(registry, _iface(1), _options(tmp_path))
-    await node.start()
+    _, node = await started(b'{"Network": "10.5.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:5::/56", '
+                            b'"Backend": {"Type": "alloc"}}', tmp_path)
     assert node.ready and node.lease is not None
     text = (tmp_path / "subnet.env").read_text()
     assert f"FLANNEL_SUBNET={node.lease.subnet.network_address + 1}/24\n" in text and "IPV6" not in text
@@ -79,19 +83,13 @@ async def revoke(registry: flannelpy.MemoryRegistry, node: flannelpy.Node) -> No
 
 
 async def test_node_wait_raises_when_its_lease_is_deleted() -> None:
-    registry = flannelpy.MemoryRegistry()
-    await registry.put("/coreos.com/network/config", CONFIG)
-    node = flannelpy.Node(registry, _iface(1), _options())
-    await node.start()
+    registry, node = await started()
     await revoke(registry, node)
     await node.stop()
 
 
 async def test_a_node_started_again_after_a_revocation_watches_and_renews_again() -> None:
-    registry = flannelpy.MemoryRegistry()
-    await registry.put("/coreos.com/network/config", CONFIG)
-    node = flannelpy.Node(registry, _iface(1), _options())
-    await node.start()
+    registry, node = await started()
     await revoke(registry, node)
     await node.stop()
 
@@ -111,10 +109,7 @@ async def test_a_node_started_again_after_a_revocation_watches_and_renews_again(
 
 
 async def test_a_loop_cancelled_by_anything_but_stop_is_reported_by_wait() -> None:
-    registry = flannelpy.MemoryRegistry()
-    await registry.put("/coreos.com/network/config", CONFIG)
-    node = flannelpy.Node(registry, _iface(1), _options())
-    await node.start()
+    _, node = await started()
     next(t for t in node._tasks if t.get_name() == "watch").cancel()
     with pytest.raises(RuntimeError, match="watch loop was cancelled"):
         await asyncio.wait_for(node.wait(), 5)
