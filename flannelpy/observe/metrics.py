@@ -12,6 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from flannelpy import __version__
+from flannelpy.observe.log import lines_lost
 
 # Data-path counter names: encap_packets, decap_bytes, encap_drop_no_route, decap_drop_unknown_sender, ...
 _COUNTER = re.compile(r"(?P<direction>encap|decap)_(?:(?P<what>packets|bytes)|drop_(?P<reason>\w+))")
@@ -65,6 +66,9 @@ class NodeCollector:
         for op, n in sorted((getattr(node, "iptables_errors", None) or {}).items()):
             ipt.add_metric([op], n)
         yield ipt
+        # The one place a broken log stream shows: its own lines are what is lost.
+        yield CounterMetricFamily("flannel_log_lines_lost", "Log lines that could not be written (stderr closed "
+                                  "or full); the daemon goes on without them", value=lines_lost())
         lag = GaugeMetricFamily("flannel_watch_lag_seconds", "Seconds since the last lease batch was applied")
         if node.last_event_at is not None:
             lag.add_metric([], time.time() - node.last_event_at)

@@ -193,3 +193,46 @@ def test_systemd_is_told_ready_only_after_the_subnet_file_is_written(alloc: Clus
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_a_log_stream_that_breaks_does_not_stop_the_daemon(alloc: Cluster) -> None:
+    """stderr is a pipe whose reader goes away (journald restarted, `flannelpy ... | head`): the daemon keeps
+    carrying leases, as flanneld does; the lines that cannot be written are lost, nothing else."""
+    host = next(iter(alloc.topology.hosts))
+    alloc.etcdctl("put", "/brokenlog/network/config", '{"Network":"10.7.0.0/16","Backend":{"Type":"alloc"}}')
+    port = HEALTHZ_PORT + 1
+    argv = alloc.host(host).exec_argv([
+        sys.executable, "-m", "flannelpy", f"--etcd-endpoints={','.join(alloc.endpoints)}",
+        "--etcd-prefix=/brokenlog/network", f"--iface={alloc.host(host).iface}",
+        f"--subnet-file={alloc.host_dir(host) / 'brokenlog.env'}", f"--healthz-port={port}",
+    ])
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=str(Path(__file__).resolve().parents[2]))
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "Wrote subnet file" in line:
+                break
+        proc.stderr.close()  # the reader is gone: every later write fails with EPIPE
+        peer = IPv4Network("10.7.99.0/24")
+        alloc.etcdctl("put", f"/brokenlog/network/subnets/{peer.network_address}-24",
+                      '{"PublicIP":"10.99.9.9","PublicIPv6":null,"BackendType":"alloc"}')  # logged as a new route
+
+        def metric(name: str) -> float | None:
+            code = (f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics', "
+                    "timeout=5).read().decode())")
+            out = alloc.run(alloc.host(host), [sys.executable, "-c", code], check=False).stdout
+            return next((float(line.split()[1]) for line in out.splitlines() if line.startswith(name + " ")), None)
+
+        deadline = time.monotonic() + 20
+        while metric("flannel_routes") != 1:
+            assert proc.poll() is None, f"the daemon exited with {proc.returncode} when its log broke"
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        assert (metric("flannel_log_lines_lost_total") or 0) >= 1  # what tells the operator
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
