@@ -526,54 +526,57 @@ cdef class Datapath:
         cdef RtAuto rt
         cdef uint64_t now
         rt_init(&rt, self.auto_rtprio, self.sparse, 1 if e != NULL else 2)
-        with nogil:
-            while True:
-                r = wait_any(e.tun if e != NULL else -1, d.sock if d != NULL else -1, stop_fd,
-                             &tun_ready, &sock_ready, rt_timeout(&rt, e, d))
-                if r <= 0:
-                    fail = 0 if r == 0 else (EBADF if r == -2 else errno)
-                    break
-                if rt.prio:
-                    now = mono_ns()
-                    if now - rt.t0 >= RT_WINDOW_MS * 1000000:
-                        change = rt_tick(&rt, e, d, self.sparse, now, &self.rt_votes)
-                        if change:
-                            FP_ATOMIC_ADD(&self.rt_threads, change)
-                            if change > 0:
-                                FP_ATOMIC_ADD(&self.rt_promotions, 1)
-                        if rt.err:
-                            with gil:  # the start-up probe passed; said once, whichever loop saw it
-                                if self.rt_error == 0:
-                                    self.rt_error = rt.err
-                                    log.warning("auto real-time priority refused by the kernel: the data path "
-                                                "stays under normal scheduling", errno=rt.err,
-                                                error=os.strerror(rt.err),
-                                                hint="FLANNELPY_UDP_RTPRIO=0 silences this")
-                            rt.err = 0
-                if tun_ready:
-                    pthread_mutex_lock(&self.encap_lock)
-                    fail = encap_batch(e, core)
-                    pthread_mutex_unlock(&self.encap_lock)
-                if sock_ready and not fail:
-                    fail = decap_batch(d, core)
-                    # A TUN write runs the receiver's stack at once: an echo reply, a TCP ACK or new data
-                    # after an ACK may already wait in the TUN. Forward it from this thread rather than wake
-                    # the encap loop (one thread wake-up less per round trip); skip if that loop is busy.
-                    if not fail and d.wrote and pthread_mutex_trylock(&self.encap_lock) == 0:
-                        if self.live_encap != NULL:
-                            fail = encap_batch(self.live_encap, core)
+        try:  # a log call below takes the GIL and could raise: the thread must not stay real-time
+            with nogil:
+                while True:
+                    r = wait_any(e.tun if e != NULL else -1, d.sock if d != NULL else -1, stop_fd,
+                                 &tun_ready, &sock_ready, rt_timeout(&rt, e, d))
+                    if r <= 0:
+                        fail = 0 if r == 0 else (EBADF if r == -2 else errno)
+                        break
+                    if rt.prio:
+                        now = mono_ns()
+                        if now - rt.t0 >= RT_WINDOW_MS * 1000000:
+                            change = rt_tick(&rt, e, d, self.sparse, now, &self.rt_votes)
+                            if change:
+                                FP_ATOMIC_ADD(&self.rt_threads, change)
+                                if change > 0:
+                                    FP_ATOMIC_ADD(&self.rt_promotions, 1)
+                            if rt.err:
+                                with gil:  # the start-up probe passed; said once, whichever loop saw it
+                                    if self.rt_error == 0:
+                                        self.rt_error = rt.err
+                                        log.warning("auto real-time priority refused by the kernel: the data "
+                                                    "path stays under normal scheduling", errno=rt.err,
+                                                    error=os.strerror(rt.err),
+                                                    hint="FLANNELPY_UDP_RTPRIO=0 silences this")
+                                rt.err = 0
+                    if tun_ready:
+                        pthread_mutex_lock(&self.encap_lock)
+                        fail = encap_batch(e, core)
                         pthread_mutex_unlock(&self.encap_lock)
-                if e != NULL and e.s.gso_error and not gso_logged:
-                    gso_logged = 1
-                    with gil:
-                        self.gso_error = e.s.gso_error
-                        log.warning("udp GSO refused by the kernel, sending datagrams one by one",
-                                    errno=e.s.gso_error, error=os.strerror(e.s.gso_error))
-                if fail:
-                    break
-        if rt.on:
-            FP_ATOMIC_ADD(&self.rt_threads, -1)
-        rt_close(&rt, &self.rt_votes)
+                    if sock_ready and not fail:
+                        fail = decap_batch(d, core)
+                        # A TUN write runs the receiver's stack at once: an echo reply, a TCP ACK or new
+                        # data after an ACK may already wait in the TUN. Forward it from this thread rather
+                        # than wake the encap loop (one thread wake-up less per round trip); skip if that
+                        # loop is busy.
+                        if not fail and d.wrote and pthread_mutex_trylock(&self.encap_lock) == 0:
+                            if self.live_encap != NULL:
+                                fail = encap_batch(self.live_encap, core)
+                            pthread_mutex_unlock(&self.encap_lock)
+                    if e != NULL and e.s.gso_error and not gso_logged:
+                        gso_logged = 1
+                        with gil:
+                            self.gso_error = e.s.gso_error
+                            log.warning("udp GSO refused by the kernel, sending datagrams one by one",
+                                        errno=e.s.gso_error, error=os.strerror(e.s.gso_error))
+                    if fail:
+                        break
+        finally:
+            if rt.on:
+                FP_ATOMIC_ADD(&self.rt_threads, -1)
+            rt_close(&rt, &self.rt_votes)
         if fail:
             raise OSError(fail, f"data path loop stopped: TUN/UDP error {fail}")
 
