@@ -83,4 +83,4 @@ class HostGwBackend(KernelBackend):
         return state, skipped, self._owner()
 
     async def _actual(self) -> KernelState:
-        return KernelState(routes=frozenset(await self.nl.routes()))
+        return KernelState(routes=frozenset(await self._routes()))

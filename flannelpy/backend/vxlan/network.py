@@ -200,7 +200,7 @@ class VxlanBackend(KernelBackend):
     async def _actual(self) -> KernelState:
         assert self.device is not None
         return KernelState(
-            routes=frozenset(await self.nl.routes()),
+            routes=frozenset(await self._routes()),
             neighbours=frozenset(await self.nl.neighbours(self.device.index)),
             fdb=frozenset(await self.nl.fdb(self.device.index)),
         )
