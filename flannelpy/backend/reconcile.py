@@ -112,6 +112,9 @@ class Ownership:
     replace_index: an interface where a route shaped like ours is not ours, but is replaced when it is in
       the way of one we want to the same subnet (vxlan without DirectRouting: a route via a peer's PublicIP
       left by DirectRouting or host-gw; flanneld replaces it too).
+    Also replaced when in the way, on any device but ours: a VTEP-shaped route (`<subnet> via <subnet>.0`,
+    a shape no other software gives a route) that a vxlan backend with another VNI left on its old device
+    (after a VNI change, or a switch to host-gw).
     """
 
     network: IPv4Network
@@ -137,9 +140,11 @@ class Ownership:
 
     def replaces_route(self, route: Route, wanted: Container[IPv4Network]) -> bool:
         """A route we do not own that stands where one of ours must go (`wanted`: their destinations)."""
-        if not self._in_network(route.dst) or route.proto == RTPROT_KERNEL:
+        if not self._in_network(route.dst) or route.proto == RTPROT_KERNEL or route.dst not in wanted:
             return False
-        return self._lease_shaped_on(route, self.replace_index) and route.dst in wanted
+        vtep_shaped = (route.gateway == route.dst.network_address and route.dst.prefixlen == self.subnet_len
+                       and route.ifindex != self.vtep_index)
+        return vtep_shaped or self._lease_shaped_on(route, self.replace_index)
 
     def owns_neighbour(self, neigh: Neighbour) -> bool:
         return (
@@ -282,6 +287,7 @@ def desired_vxlan(
     neighbours: set[Neighbour] = set()
     fdb: set[FdbEntry] = set()
     skipped: list[Skipped] = []
+    via_vtep: list[tuple[Lease, str]] = []
     for lease in _remote_leases(leases, "vxlan", own_subnet, own_ip, skipped):
         vtep = parse_vtep(lease)
         if vtep is None:
@@ -297,6 +303,20 @@ def desired_vxlan(
         if direct_routing and is_directly_connected(public_ip, connected):
             routes.add(Route(lease.subnet, public_ip, iface_index))
             continue
+        via_vtep.append((lease, mac))
+    # The fdb holds one destination per MAC: two leases announcing one VtepMAC (a host that changed its
+    # PublicIP kept its device and took a new subnet; its old lease lives until its TTL) would overwrite each
+    # other's entry at every resync. The newest lease (etcd create revision) is the host as it is now.
+    newest: dict[str, Lease] = {}
+    for lease, mac in via_vtep:
+        if mac not in newest or (lease.created, lease.subnet) > (newest[mac].created, newest[mac].subnet):
+            newest[mac] = lease
+    for lease, mac in via_vtep:
+        if newest[mac] is not lease:
+            skipped.append(Skipped(lease.subnet, "another lease announces the same VtepMAC; the newest is routed",
+                                   {"vtep_mac": mac, "routed": str(newest[mac].subnet)}))
+            continue
+        public_ip = lease.attrs.public_ip
         inner = vtep_address(lease.subnet)
         neighbours.add(Neighbour(inner, mac, vtep_index))
         fdb.add(FdbEntry(mac, public_ip, vtep_index))

@@ -104,6 +104,22 @@ async def test_host_leaving_and_rejoining(lab: Topology, nodes: Nodes) -> None:
     assert ping(n1.container_ns, n3.container_ip)
 
 
+async def test_routes_left_by_the_vxlan_backend_make_way(lab: Topology, nodes: Nodes) -> None:
+    """h1 ran the vxlan backend, stopped (its kernel state stays, as flanneld's) and now runs host-gw."""
+    h1, h2 = lab.hosts["h1"], lab.hosts["h2"]
+    n2 = await nodes.start(h2)
+    sh(h1.netns, "ip", "link", "add", "flannel.1", "type", "vxlan", "id", "1", "dev", "eth0", "local",
+       str(h1.address), "dstport", "0")
+    sh(h1.netns, "ip", "link", "set", "flannel.1", "up")
+    net = n2.lease.subnet
+    sh(h1.netns, "ip", "route", "add", str(net), "via", str(net.network_address), "dev", "flannel.1", "onlink")
+    n1 = await nodes.start(h1)
+    await nodes.mesh()
+    table = routes(n1.ns)
+    assert route_to(n2) in table and f"{net} via {net.network_address} dev flannel.1 onlink" not in table
+    assert ping(n1.container_ns, n2.container_ip)
+
+
 async def test_deleted_route_comes_back_within_one_resync(lab: Topology, nodes: Nodes) -> None:
     n1 = await nodes.start(lab.hosts["h1"], run=True)
     n2 = await nodes.start(lab.hosts["h2"], run=True)

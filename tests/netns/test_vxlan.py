@@ -188,6 +188,18 @@ async def test_deleted_entries_come_back_within_one_resync(lab: Topology, nodes:
     assert link["address"] == n1.lease.attrs.backend_data["VtepMAC"]  # type: ignore[index]
     assert route in routes(n1.ns)
     assert ping(n1.container_ns, n2.container_ip)
+    # A device that is fine is left alone: resyncs do not re-create it.
+    await resynced(n1.backend)
+    assert js(n1.ns, "ip", "-j", "link", "show", DEV)[0]["ifindex"] == link["ifindex"]
+
+    # Re-created by hand with another VNI: replaced like an incompatible device at start.
+    sh(n1.ns, "ip", "link", "del", DEV)
+    sh(n1.ns, "ip", "link", "add", DEV, "type", "vxlan", "id", "9", "dev", "eth0", "local", "10.99.0.1",
+       "dstport", "0")
+    await resynced(n1.backend)
+    assert js(n1.ns, "ip", "-j", "-d", "link", "show", DEV)[0]["linkinfo"]["info_data"]["id"] == 1
+    assert route in routes(n1.ns)
+    assert ping(n1.container_ns, n2.container_ip)
 
 
 async def test_stale_entries_removed_and_foreign_routes_untouched(lab: Topology, nodes: Nodes) -> None:
@@ -323,6 +335,24 @@ async def test_routes_left_by_direct_routing_make_way_when_it_is_turned_off(lab:
     table = routes(n1.ns)
     assert vxlan_entries(n2)[0] in table and f"{n2.lease.subnet} via 10.99.0.2 dev eth0" not in table
     assert ping(n1.container_ns, n2.container_ip)
+
+
+async def test_a_vni_change_replaces_the_routes_left_on_the_old_device(lab: Topology, nodes: Nodes) -> None:
+    n1 = await nodes.start(lab.hosts["h1"])
+    n2 = await nodes.start(lab.hosts["h2"])
+    await nodes.mesh()
+    for n in (n1, n2):
+        await nodes.stop(n)  # the kernel state stays, as when the daemons stop
+    config = cfg(VNI=2)
+    m1 = await nodes.start(lab.hosts["h1"], config)
+    m2 = await nodes.start(lab.hosts["h2"], config)
+    await m1.backend.apply([m2.lease], [])
+    await m2.backend.apply([m1.lease], [])
+    net = m2.lease.subnet
+    table = routes(m1.ns)
+    assert f"{net} via {net.network_address} dev flannel.2 onlink" in table
+    assert f"{net} via {net.network_address} dev flannel.1 onlink" not in table
+    assert ping(m1.container_ns, m2.container_ip)
 
 
 async def test_an_mtu_above_what_the_interface_allows_is_a_clear_error(lab: Topology, nodes: Nodes) -> None:

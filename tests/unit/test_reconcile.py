@@ -235,6 +235,32 @@ def test_vxlan_replaces_a_route_via_the_public_ip_only_where_it_blocks_one_of_ou
     assert plan(desired, KernelState(frozenset([blocking])), Ownership(NET, 24, OWN, vtep_index=VTEP)).del_routes == ()
 
 
+def test_a_vtep_route_left_on_another_device_makes_way_for_ours() -> None:
+    # flannel.1 of a VNI no longer in use (VNI changed, or the host switched to host-gw) still holds
+    # `<subnet> via <subnet>.0 onlink` routes: the kernel refuses ours to the same subnet while they stand.
+    old_vtep = 9
+    left = Route(N("10.5.2.0/24"), A("10.5.2.0"), old_vtep, onlink=True)
+    unwanted = Route(N("10.5.3.0/24"), A("10.5.3.0"), old_vtep, onlink=True)  # no lease of ours wants it now
+    foreign = Route(N("10.5.2.0/24"), A("10.5.2.1"), BRIDGE)  # another shape: not flannel's
+    desired, _ = vxlan_state([vx("10.5.2.0/24", "10.99.0.2", "02:00:00:00:00:02")])
+    p = plan(desired, KernelState(frozenset([left, unwanted])), VX_OWNER)
+    assert p.del_routes == (left,)
+    assert plan(desired, KernelState(frozenset([foreign])), VX_OWNER).del_routes == ()
+    hostgw, _ = desired_hostgw([hg("10.5.2.0/24", "10.99.0.2")], own_subnet=OWN, iface_index=IFACE, connected=LAN)
+    assert plan(hostgw, KernelState(frozenset([left, unwanted])), HG_OWNER).del_routes == (left,)
+
+
+def test_two_leases_with_one_vtep_mac_route_the_newest_only() -> None:
+    # A host changed its PublicIP: same device (MAC), a new subnet; its old lease lives until its TTL.
+    old = dataclasses.replace(vx("10.5.2.0/24", "10.99.0.2", "02:00:00:00:00:02"), created=10)
+    new = dataclasses.replace(vx("10.5.9.0/24", "10.99.0.9", "02:00:00:00:00:02"), created=20)
+    for order in ([old, new], [new, old]):
+        state, skipped = vxlan_state(order)
+        assert state.fdb == {FdbEntry("02:00:00:00:00:02", A("10.99.0.9"), VTEP)}
+        assert {r.dst for r in state.routes} == {N("10.5.9.0/24")}
+        assert skipped == ["10.5.2.0/24 another lease announces the same VtepMAC; the newest is routed"]
+
+
 def test_delta_programs_only_what_changed() -> None:
     old_lease = vx("10.5.2.0/24", "10.99.0.2", "0a:00:00:00:00:02")
     new_lease = vx("10.5.2.0/24", "10.99.0.2", "0a:00:00:00:00:22")  # the host rebooted: new VTEP MAC

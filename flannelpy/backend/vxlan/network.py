@@ -138,6 +138,9 @@ class VxlanBackend(KernelBackend):
         if dev is None:
             log.warning("VXLAN device is missing, recreating", device=self.spec.name, mac=self._mac())
             dev = await self._ensure_device(self._mac())
+        elif device_incompatibility(dev, self.spec) is not None:
+            # Re-created by hand with another VNI, port or learning: MAC and address alone would not fix it.
+            dev = await self._ensure_device(self._mac())
         self.device = dev
         if self.lease is None:
             return
