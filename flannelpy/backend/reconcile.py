@@ -243,6 +243,8 @@ def parse_vtep(lease: Lease) -> tuple[str, int | None] | None:
             int(p, 16)
     except ValueError:
         return None
+    if not is_unicast_mac(mac.lower()):
+        return None  # the kernel refuses such an fdb entry: a route and neighbour alone would lead nowhere
     vni = low.get("vni")
     return mac.lower(), vni if isinstance(vni, int) and not isinstance(vni, bool) else None
 

@@ -100,6 +100,10 @@ def test_vxlan_ignores_other_backends_and_bad_backend_data() -> None:
         Lease(N("10.5.6.0/24"), LeaseAttrs(A("10.99.0.6"), backend_type="vxlan")),
         vx("10.5.7.0/24", "10.99.0.7", "0a:00:00:00:00:07", vni=9),
         vx("10.5.8.0/24", "10.99.0.8", "0a:00:00:00:00:08", vni=None),  # no VNI: accepted
+        # Not a unicast MAC: the kernel refuses the fdb entry, so the route would lead nowhere.
+        vx("10.5.9.0/24", "10.99.0.9", "00:00:00:00:00:00"),
+        vx("10.5.10.0/24", "10.99.0.10", "ff:ff:ff:ff:ff:ff"),
+        vx("10.5.11.0/24", "10.99.0.11", "01:00:5e:00:00:01"),
     ]
     state, skipped = vxlan_state(leases)
     assert skipped == [
@@ -108,6 +112,9 @@ def test_vxlan_ignores_other_backends_and_bad_backend_data() -> None:
         "10.5.5.0/24 BackendData has no valid VtepMAC",
         "10.5.6.0/24 BackendData has no valid VtepMAC",
         "10.5.7.0/24 VNI mismatch",
+        "10.5.9.0/24 BackendData has no valid VtepMAC",
+        "10.5.10.0/24 BackendData has no valid VtepMAC",
+        "10.5.11.0/24 BackendData has no valid VtepMAC",
     ]
     assert {r.dst for r in state.routes} == {N("10.5.8.0/24")}
 
