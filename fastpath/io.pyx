@@ -668,6 +668,8 @@ def rt_sparse_packets(packets: list) -> list:
     for bulk, packet in packets:
         b = packet
         if bulk:
+            if b.shape[0] < 20 or b.shape[0] < (b[0] & 15) * 4 + 4:  # what rt_flow reads (a parsed TSO packet)
+                raise ValueError("a bulk packet shorter than its IPv4 header and 4 bytes of TCP")
             rt_note_bulk(flows, &b[0])
         else:
             out.append(bool(rt_sparse(flows, &b[0], b.shape[0])))

@@ -19,6 +19,14 @@ BULK = 40_000  # packets in a window of a bulk transfer, nearly all parts of sup
 SYN, ACK, PSH = 0x02, 0x10, 0x08
 
 
+def test_a_bulk_packet_too_short_to_hash_is_refused() -> None:
+    # rt_flow reads the addresses and the ports: in the loop only after fp_tso_parse accepted the packet.
+    for short in (b"", b"\x4f", tcp_packet(b"")[:19], b"\x4f" + bytes(60)):
+        with pytest.raises(ValueError, match="shorter than its IPv4 header"):
+            io.rt_sparse_packets([(True, short)])
+    assert io.rt_sparse_packets([(False, b"\x45")]) == [True]  # a lone packet is checked by rt_sparse itself
+
+
 def test_only_traffic_outside_bulk_flows_is_sparse() -> None:
     data = tcp_packet(b"x" * 1400, sport=40000, flags=ACK)
     sparse = io.rt_sparse_packets([
