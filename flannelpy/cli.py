@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +40,47 @@ def _renew_margin(text: str) -> int:
             f"--subnet-lease-renew-margin={value}: must be between 1 and 1439 minutes (less than 24 h)"
         )
     return value
+
+
+def _int_in(low: int, high: int | None, what: str) -> Callable[[str], int]:
+    """An int flag checked at parse time (flanneld's Go flags only parse; a bad value failed later, or never)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number ({what})") from None
+        if value < low or (high is not None and value > high):
+            bound = f"{low}..{high}" if high is not None else f"{low} or more"
+            raise argparse.ArgumentTypeError(f"{value} is out of range {bound} ({what})")
+        return value
+
+    return parse
+
+
+def _ip(version: int | None, what: str) -> Callable[[str], str]:
+    """An address flag: empty (unset) or a literal address; a host name would be looked up, slowly, later."""
+
+    def parse(text: str) -> str:
+        if not text:
+            return text
+        try:
+            addr = ipaddress.ip_address(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an IP address ({what})") from None
+        if version is not None and addr.version != version:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an IPv{version} address ({what})")
+        return str(addr)
+
+    return parse
+
+
+def _regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a regular expression: {e}") from None
+    return text
 
 
 @dataclass(frozen=True)
@@ -70,20 +113,23 @@ FLAGS: tuple[Flag, ...] = (
     Flag("etcd-password", "", "password for BasicAuth to etcd"),
     Flag("iface", [], "interface to use (IP or name) for inter-host communication; repeatable", repeat=True),
     Flag("iface-regex", [], "regex of interface name or IP to use for inter-host communication; repeatable",
-         repeat=True),
-    Flag("iface-can-reach", "", "detect the interface to use by the route to this IP"),
-    Flag("public-ip", "", "IP accessible by other nodes for inter-host communication"),
+         _regex, repeat=True),
+    Flag("iface-can-reach", "", "detect the interface to use by the route to this IP", _ip(None, "--iface-can-reach")),
+    Flag("public-ip", "", "IP accessible by other nodes for inter-host communication", _ip(4, "--public-ip")),
     Flag("subnet-file", "/run/flannel/subnet.env", "filename where env variables (subnet, MTU, ...) will be written"),
     Flag("subnet-lease-renew-margin", 60, "subnet lease renewal margin, in minutes (1..1439)", _renew_margin),
     Flag("ip-masq", False, "setup IP masquerade rule for traffic destined outside of overlay network",
          _bool, boolean=True),
-    Flag("iptables-resync", 5, "resync period for iptables rules, in seconds", int),
+    Flag("iptables-resync", 5, "resync period for iptables rules, in seconds",
+         _int_in(1, None, "--iptables-resync, seconds")),
     Flag("iptables-forward-rules", True, "add default accept rules to FORWARD chain in iptables", _bool, boolean=True),
-    Flag("healthz-ip", "0.0.0.0", "the IP address for healthz server to listen"),
-    Flag("healthz-port", 0, "the port for healthz server to listen (0 to disable)", int),
+    Flag("healthz-ip", "0.0.0.0", "the IP address for healthz server to listen", _ip(None, "--healthz-ip")),
+    Flag("healthz-port", 0, "the port for healthz server to listen (0 to disable)",
+         _int_in(0, 65535, "--healthz-port, 0 = off")),
     Flag("log-format", "text", "log lines as key=value text or one JSON object per line (text|json)"),
     Flag("subnet-lease-ttl", 86400,
-         "TEST ONLY: etcd lease TTL in seconds (flanneld: fixed 24 h); see docs/operations.md", int),
+         "TEST ONLY: etcd lease TTL in seconds (flanneld: fixed 24 h); see docs/operations.md",
+         _int_in(1, None, "--subnet-lease-ttl, seconds")),
 )
 FLAG_BY_DEST = {f.dest: f for f in FLAGS}
 
@@ -107,7 +153,7 @@ def daemon_parser() -> argparse.ArgumentParser:
     )
     for f in FLAGS:
         if f.repeat:
-            p.add_argument(f"--{f.name}", dest=f.dest, action="append", default=None, help=f.help)
+            p.add_argument(f"--{f.name}", dest=f.dest, action="append", default=None, type=f.kind, help=f.help)
         elif f.boolean:
             p.add_argument(f"--{f.name}", dest=f.dest, nargs="?", const=True, default=None, type=f.kind,
                            help=f"{f.help} (default {str(f.default).lower()})")
@@ -134,7 +180,7 @@ def parse_daemon_args(argv: Sequence[str], environ: dict[str, str] | None = None
             continue
         try:
             if f.repeat:
-                value: Any = [x for x in raw.split(",") if x] if f.name == "iface" else [raw]
+                value: Any = [f.kind(x) for x in (raw.split(",") if f.name == "iface" else [raw]) if x]
             else:
                 value = f.kind(raw)
         except (argparse.ArgumentTypeError, ValueError) as e:
@@ -169,46 +215,75 @@ def _client_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
+def _client_fix(ns: argparse.Namespace) -> str:
+    """The etcd flags a verb was given, to repeat in a hint."""
+    return " ".join(f"--{f.name}={getattr(ns, f.dest)}" for f in FLAGS
+                    if f.name.startswith("etcd-") and f.name != "etcd-password"
+                    and getattr(ns, f.dest, f.default) != f.default)
+
+
+def _config_text(value: str) -> str:
+    """A JSON object given inline, a file name, or - for standard input."""
+    from flannelpy.errors import ConfigError
+
+    if value == "-":
+        return sys.stdin.read()
+    if value.lstrip().startswith("{"):
+        return value
+    try:
+        with open(value) as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{value!r} is neither a JSON object nor a file; give the config inline "
+                          """('{"Network": "10.5.0.0/16"}'), as a file name, or - to read standard input""") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read the config file {value}: {e}") from None
+
+
+def _run_verb(ns: argparse.Namespace, go: Callable[[], Any]) -> int:
+    """A verb's coroutine, with its errors as one line on stderr: 2 bad input, 1 etcd unreachable or refused."""
+    from flannelpy.errors import ConfigError, FlannelError
+
+    try:
+        return int(asyncio.run(go()))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FlannelError as e:
+        print(f"error: etcd at {ns.etcd_endpoints}: {e}", file=sys.stderr)
+        return 1
+
+
 def config_main(argv: Sequence[str]) -> int:
     p = _client_parser("config")
     p.add_argument("action", choices=("get", "set"))
     p.add_argument("value", nargs="?", help="for set: a JSON object, a file name, or - for standard input")
     ns = p.parse_intermixed_args(_normalise(argv))  # flags may come after "set", as in the docs
+    if ns.action == "set" and ns.value is None:
+        p.error("config set needs a JSON object, a file name or -")
 
     async def go() -> int:
-        from flannelpy.errors import ConfigError
         from flannelpy.subnet.manager import SubnetManager
 
-        registry = _registry_from(ns)
+        text = _config_text(ns.value) if ns.action == "set" else ""
+        manager = SubnetManager(_registry_from(ns), ns.etcd_prefix)  # checks the prefix first
         try:
-            manager = SubnetManager(registry, ns.etcd_prefix)
             if ns.action == "get":
-                text = await manager.get_config_text()
-                if text is None:
-                    print(f"no network config at {ns.etcd_prefix}/config", file=sys.stderr)
+                got = await manager.get_config_text()
+                if got is None:
+                    print(f"no network config at {manager.config_key}", file=sys.stderr)
                     return 1
-                print(text)
+                print(got)
                 return 0
-            if ns.value is None:
-                p.error("config set needs a JSON object, a file name or -")
-            if ns.value == "-":
-                text = sys.stdin.read()
-            elif ns.value.lstrip().startswith("{"):
-                text = ns.value
-            else:
-                with open(ns.value) as fh:
-                    text = fh.read()
-            try:
-                await manager.set_config(text)
-            except ConfigError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
-            print(f"wrote {ns.etcd_prefix}/config")
-            return 0
+            config = await manager.set_config(text)
         finally:
-            await registry.close()
+            await manager.registry.close()
+        for key in config.unknown_keys:
+            print(f"warning: unknown key {key} ignored (flanneld ignores it too)", file=sys.stderr)
+        print(f"wrote {manager.config_key}")
+        return 0
 
-    return asyncio.run(go())
+    return _run_verb(ns, go)
 
 
 def leases_main(argv: Sequence[str]) -> int:
@@ -222,11 +297,11 @@ def leases_main(argv: Sequence[str]) -> int:
 
         from flannelpy.subnet.manager import SubnetManager
 
-        registry = _registry_from(ns)
+        manager = SubnetManager(_registry_from(ns), ns.etcd_prefix)
         try:
-            leases = await SubnetManager(registry, ns.etcd_prefix).list_leases()
+            leases = await manager.list_leases()
         finally:
-            await registry.close()
+            await manager.registry.close()
         now = time.time()
         rows = []
         for lease in sorted(leases, key=lambda x: int(x.subnet.network_address)):
@@ -242,7 +317,21 @@ def leases_main(argv: Sequence[str]) -> int:
                 print(f"{r['subnet']:<20} {r['public_ip']:<16} {r['backend']:<8} {r['ttl']}")
         return 0
 
-    return asyncio.run(go())
+    return _run_verb(ns, go)
+
+
+def _verb(run: Callable[[], int]) -> int:
+    """An operator verb whose reader may stop early (`flannelpy leases | head -2`): no traceback then."""
+    try:
+        code = run()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python's own advice: point stdout at /dev/null so that the flush at exit does not fail again.
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+        return 0
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -252,13 +341,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         configure_logging(-1)
     if args and args[0] == "config":
-        return config_main(args[1:])
+        return _verb(lambda: config_main(args[1:]))
     if args and args[0] == "leases":
-        return leases_main(args[1:])
+        return _verb(lambda: leases_main(args[1:]))
     if args and args[0] == "mk-docker-opts":
         from flannelpy.host.docker_opts import main as docker_opts_main
 
-        return docker_opts_main(args[1:])
+        return _verb(lambda: docker_opts_main(args[1:]))
     if args and args[0] == "demo":
         from flannelpy.lab.demo import main as demo_main
 

@@ -188,6 +188,11 @@ def _parse_backend(raw: Any) -> BackendConfig:
                 raise ConfigError(f"config key Backend.{key}={v!r}: must be a whole number >= 0")
     if "port" in opts and opts["port"] > 65535:
         raise ConfigError(f"config key Backend.Port={opts['port']!r}: must be at most 65535")
+    if btype == "udp" and opts.get("port") == 0:
+        # vxlan's 0 means the kernel's default port; a udp socket on port 0 would get a random one, while
+        # peers send to the port of the config.
+        raise ConfigError("config key Backend.Port=0: the udp backend needs a port between 1 and 65535 "
+                          f"(leave it out for {DEFAULT_UDP_PORT})")
     if "vni" in opts and opts["vni"] > 0xFFFFFF:
         raise ConfigError(f"config key Backend.VNI={opts['vni']!r}: must be at most 16777215")
     if "mtu" in opts and opts["mtu"] and not 68 <= opts["mtu"] <= 65535:

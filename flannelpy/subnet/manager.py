@@ -82,8 +82,12 @@ class SubnetManager:
 
     def _config_hint(self) -> str:
         flag = "" if self.prefix == DEFAULT_PREFIX else f" --etcd-prefix={self.prefix}"
+        # The etcd this daemon uses, so that the commands work as given (flags after the arguments: both
+        # etcdctl and flannelpy take them there).
+        ours, etcdctl = (getattr(self.registry, "hint_flags", ""), getattr(self.registry, "etcdctl_flags", ""))
         return (f"write it with the etcd v3 API: ETCDCTL_API=3 etcdctl put {self.config_key} "
-                f"'{EXAMPLE_CONFIG}' or flannelpy config set{flag} '{EXAMPLE_CONFIG}'")
+                f"'{EXAMPLE_CONFIG}'{' ' + etcdctl if etcdctl else ''} or flannelpy config set{flag} "
+                f"'{EXAMPLE_CONFIG}'{' ' + ours if ours else ''}")
 
     async def get_network_config(self) -> NetworkConfig:
         """Read <prefix>/config, waiting (retry every second) until it exists."""
@@ -120,8 +124,12 @@ class SubnetManager:
         return config
 
     async def set_config(self, text: str) -> NetworkConfig:
-        """Validate and write the network config (what `flannelpy config set` does)."""
+        """Validate and write the network config (what `flannelpy config set` does): what parses but would
+        stop every daemon at start is refused too."""
         config = parse_config(text)
+        if config.network is None:
+            raise ConfigError("config key EnableIPv4=false: flannelpy leases and routes IPv4 subnets; IPv6-only "
+                              "networks are not supported (set EnableIPv4 true with a Network)")
         await self.registry.put(self.config_key, text.strip().encode())
         log.info("network config written", key=self.config_key, network=str(config.network),
                  backend=config.backend_type)

@@ -222,6 +222,13 @@ class EtcdRegistry:
             raise RegistryError("etcd auth needs both --etcd-username and --etcd-password")
         self._username = username
         self._password = password
+        # How to reach this etcd from a shell, for the hints in messages (no password: it would be logged).
+        raw = ",".join(e.url for e in self.endpoints)
+        tls = [(name, path) for name, path in (("cafile", cafile), ("certfile", certfile), ("keyfile", keyfile))
+               if path]
+        self.hint_flags = " ".join([f"--etcd-endpoints={raw}", *(f"--etcd-{n}={v}" for n, v in tls)])
+        etcdctl = {"cafile": "cacert", "certfile": "cert", "keyfile": "key"}
+        self.etcdctl_flags = " ".join([f"--endpoints={raw}", *(f"--{etcdctl[n]}={v}" for n, v in tls)])
         self.dial_timeout = dial_timeout
         self.request_timeout = request_timeout
         self.max_backoff = max_backoff

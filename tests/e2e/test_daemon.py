@@ -155,6 +155,9 @@ def test_missing_config_says_how_to_write_it_with_the_v3_api(alloc: Cluster) -> 
     assert code == 0  # SIGTERM while waiting for the config is a clean exit
     assert "flannel config not found in etcd store" in out
     assert "etcdctl put /nothing/here/config" in out and "flannelpy config set" in out
+    # With the etcd this daemon uses, so that both commands work as printed.
+    endpoints = ",".join(alloc.endpoints)
+    assert f"--endpoints={endpoints}" in out and f"--etcd-endpoints={endpoints}" in out
 
 
 def test_invalid_config_exits_2_naming_the_key(alloc: Cluster) -> None:

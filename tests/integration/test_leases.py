@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import subprocess
 import sys
@@ -213,3 +214,43 @@ def test_config_set_and_get_as_the_quickstart_writes_them(etcd: EtcdCluster, pre
     assert json.loads(etcdctl(etcd, "get", "--print-value-only", f"{prefix}/config")) == {"Network": "10.10.0.0/16"}
     got = flannelpy("config", "get", endpoints, f"--etcd-prefix={prefix}")
     assert got.returncode == 0 and json.loads(got.stdout) == {"Network": "10.10.0.0/16"}, got.stderr
+
+
+def test_config_and_leases_verbs_answer_mistakes_in_one_line(etcd: EtcdCluster, prefix: str) -> None:
+    def flannelpy(*args: str, stdout: int | None = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "flannelpy", *args], stdout=stdout, stderr=subprocess.PIPE,
+                              text=True, timeout=60)
+
+    endpoints = f"--etcd-endpoints={','.join(etcd.endpoints)}"
+    cases = [
+        # Not JSON, not a file (it was a FileNotFoundError traceback).
+        (("config", "set", endpoints, "notjson"), 2, "'notjson' is neither a JSON object nor a file"),
+        (("config", "set", endpoints, "--etcd-prefix=", '{"Network":"10.10.0.0/16"}'), 2, "--etcd-prefix must not"),
+        # Parsed, but every daemon would stop on it at start: refused before writing.
+        (("config", "set", endpoints, f"--etcd-prefix={prefix}",
+          '{"Network":"10.17.0.0/16","Backend":{"Type":"udp","Port":0}}'), 2, "Backend.Port=0"),
+        (("config", "set", endpoints, f"--etcd-prefix={prefix}",
+          '{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:16::/56"}'), 2, "IPv6-only"),
+        # etcd not there (a RegistryUnavailableError traceback before).
+        (("config", "get", "--etcd-endpoints=http://127.0.0.1:1"), 1, "error: etcd at http://127.0.0.1:1:"),
+        (("leases", "--etcd-endpoints=http://127.0.0.1:1"), 1, "error: etcd at http://127.0.0.1:1:"),
+    ]
+    for args, code, says in cases:
+        done = flannelpy(*args)
+        assert (done.returncode, done.stderr.count("\n")) == (code, 1), (args, done.stderr)
+        assert says in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
+    assert etcdctl(etcd, "get", f"{prefix}/config") == ""  # nothing written by the refused ones
+
+    # Unknown keys are written (flanneld ignores them) with a warning; the key printed is the one written.
+    done = flannelpy("config", "set", endpoints, f"--etcd-prefix={prefix}/", '{"Network":"10.10.0.0/16","Extra":1}')
+    assert done.returncode == 0 and done.stdout == f"wrote {prefix}/config\n", done
+    assert "unknown key Extra ignored" in done.stderr
+
+    # A reader that stops early (`flannelpy leases | head -1`): no BrokenPipeError traceback.
+    for i in range(1, 4):
+        etcdctl(etcd, "put", f"{prefix}/subnets/10.10.{i}.0-24", '{"PublicIP":"10.99.0.1","PublicIPv6":null}')
+    r, w = os.pipe()
+    os.close(r)
+    with os.fdopen(w, "w") as closed:
+        done = flannelpy("leases", endpoints, f"--etcd-prefix={prefix}", stdout=closed.fileno())
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr

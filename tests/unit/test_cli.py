@@ -97,3 +97,33 @@ def test_the_etcd_client_verbs_take_empty_variables_as_unset(monkeypatch: pytest
     ns = _client_parser("leases").parse_args([])
     assert ns.etcd_prefix == "/coreos.com/network"
     assert ns.etcd_endpoints == "http://127.0.0.1:4001,http://127.0.0.1:2379"
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--iptables-resync=0"], "--iptables-resync: 0 is out of range 1 or more"),
+    (["--healthz-port=70000"], "--healthz-port: 70000 is out of range 0..65535"),  # not 70000 mod 65536
+    (["--healthz-port=-1"], "--healthz-port: -1 is out of range"),
+    (["--healthz-ip=not-an-ip"], "'not-an-ip' is not an IP address"),  # was a 10 s name lookup, then exit 1
+    (["--public-ip=bad"], "'bad' is not an IP address"),
+    (["--public-ip=fd00::1"], "is not an IPv4 address"),
+    (["--iface-can-reach=bad"], "'bad' is not an IP address"),
+    (["--iface-regex=("], "'(' is not a regular expression"),
+    (["--subnet-lease-ttl=0"], "--subnet-lease-ttl: 0 is out of range"),
+])
+def test_bad_flag_values_exit_2_at_once_naming_the_flag(args: list[str], says: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # Before, these took a lease and created devices first, then exited 1 (or, for the port, listened elsewhere).
+    with pytest.raises(SystemExit) as exc:
+        parse_daemon_args(args, environ={})
+    assert exc.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+def test_bad_values_in_the_environment_are_checked_alike(capsys: pytest.CaptureFixture[str]) -> None:
+    for env, says in (({"FLANNELD_IFACE_REGEX": "("}, "FLANNELD_IFACE_REGEX='('"),
+                      ({"FLANNELD_HEALTHZ_PORT": "x"}, "'x' is not a whole number")):
+        with pytest.raises(SystemExit) as exc:
+            parse_daemon_args([], environ=env)
+        assert exc.value.code == 2 and says in capsys.readouterr().err
+    ns = parse_daemon_args(["--iface-regex=^eth", "--healthz-port=8471", "--public-ip=10.99.0.1"], environ={})
+    assert (ns.iface_regex, ns.healthz_port, ns.public_ip) == (["^eth"], 8471, "10.99.0.1")
