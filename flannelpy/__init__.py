@@ -33,6 +33,7 @@ _EXPORTS = {
     "EtcdRegistry": "flannelpy.subnet.registry",
     "MemoryRegistry": "flannelpy.testing",
     "RouteTable": "flannelpy.routes",
+    "configure_logging": "flannelpy.observe.log",
 }
 __all__ = ["__version__", *_EXPORTS]
 

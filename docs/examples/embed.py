@@ -18,6 +18,7 @@ def interface(n: int) -> flannelpy.ExternalInterface:
 
 
 async def main() -> None:
+    flannelpy.configure_logging()  # the node's log to stderr: standard output is this program's answer
     registry = flannelpy.MemoryRegistry()
     await registry.put("/coreos.com/network/config",
                        b'{"Network": "10.5.0.0/16", "Backend": {"Type": "alloc"}}')

@@ -52,7 +52,11 @@ class NodeCollector:
         yield nbytes
         yield drops
         yield other
-        yield GaugeMetricFamily("flannel_routes", "Remote leases routed", value=len(node.routes))
+        backend = getattr(node, "backend", None)
+        unrouted = getattr(backend, "leases_not_routed", None) if backend else None
+        # node.routes holds every remote lease; the backend may leave some out (another backend type, ...).
+        yield GaugeMetricFamily("flannel_routes", "Remote leases routed",
+                                value=len(node.routes) - (unrouted or 0))
         ttl = GaugeMetricFamily("flannel_lease_ttl_seconds", "Seconds until our lease expires (-1: reservation)")
         if node.lease is not None:
             exp = node.lease.expiration
@@ -73,11 +77,9 @@ class NodeCollector:
         if node.last_event_at is not None:
             lag.add_metric([], time.time() - node.last_event_at)
         yield lag
-        backend = getattr(node, "backend", None)
-        unrouted = getattr(backend, "leases_not_routed", None) if backend else None
         if unrouted is not None:
-            yield GaugeMetricFamily("flannel_leases_not_routed", "Remote leases the vxlan/host-gw backend does not "
-                                    "route now (the log says why, once per lease)", value=unrouted)
+            yield GaugeMetricFamily("flannel_leases_not_routed", "Remote leases the backend does not route now "
+                                    "(the log says why, once per lease)", value=unrouted)
         realtime = getattr(backend, "realtime_threads", None) if backend else None
         if realtime is not None:
             yield GaugeMetricFamily("flannel_realtime_threads", "udp data-path loops running under SCHED_RR now "

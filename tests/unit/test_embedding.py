@@ -42,7 +42,9 @@ def test_documented_example_runs_and_two_nodes_learn_each_other() -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "docs" / "examples" / "embed.py")], capture_output=True,
                           text=True, timeout=60, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(proc.stdout.splitlines()) == 1, proc.stdout  # the answer alone: the node logs to stderr
+    assert "Acquired lease" in proc.stderr
+    result = json.loads(proc.stdout)
     assert result["first"] != result["second"]
     assert result["first_learned"] == [result["second"]]
     assert result["first_routes"] == [result["second"]]

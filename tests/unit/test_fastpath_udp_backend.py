@@ -78,16 +78,26 @@ async def test_apply_turns_udp_leases_into_routes(kind: str) -> None:
     assert route(b, "10.10.1.9") is None  # our own subnet
     assert route(b, "10.10.6.9") is None  # wrong prefix length
     assert len(b.table) == 2
+    # What flannel_leases_not_routed says (and flannel_routes leaves out): vxlan, 10.11.5.0, the /25, and our
+    # own subnet (the watch never hands that one over; here it is).
+    assert b.leases_not_routed == 4
     # Renewal re-announces; the host behind a subnet may change; a lease may change backend.
     await b.apply([lease("10.10.2.0/24", "10.99.0.2"), lease("10.10.3.0/24", "10.99.0.33"),
                    lease("10.10.2.0/24", "10.99.0.2", "host-gw")], [])
     assert route(b, "10.10.3.9") == "10.99.0.33"
     assert route(b, "10.10.2.9") is None
+    assert b.leases_not_routed == 5
+    await b.apply([], [lease("10.10.2.0/24", "10.99.0.2", "host-gw"), lease("10.10.4.0/24", "10.99.0.4", "vxlan")])
+    assert b.leases_not_routed == 3
     # A stale removal (the subnet is held by another host by now) does not remove the new route.
     await b.apply([], [lease("10.10.3.0/24", "10.99.0.3")])
     assert route(b, "10.10.3.9") == "10.99.0.33"
     await b.apply([], [lease("10.10.3.0/24", "10.99.0.33")])
     assert route(b, "10.10.3.9") is None and len(b.table) == 0
+    await b.apply([lease("10.10.7.0/24", "10.99.0.7", "vxlan")], [])
+    assert b.leases_not_routed == 4
+    await b.apply([lease("10.10.7.0/24", "10.99.0.7", "udp")], [])  # the host switched to udp
+    assert b.leases_not_routed == 3 and route(b, "10.10.7.9") == "10.99.0.7"
 
 
 def test_counters_before_start_are_zero() -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from ipaddress import IPv4Address, IPv4Network
 from types import SimpleNamespace
 from typing import Any
 
 from flannelpy.observe.metrics import render_metrics
 from flannelpy.routes import RouteTable
+from flannelpy.subnet.lease import Lease, LeaseAttrs
 
 
 class _Node(SimpleNamespace):
@@ -73,3 +75,12 @@ def test_unrouted_leases_are_a_gauge_not_a_counter() -> None:
     assert "leases_not_routed" not in body.split("flannel_backend_events_total", 1)[-1].split("# HELP", 1)[0]
     node.backend.leases_not_routed = 1
     assert "flannel_leases_not_routed 1.0" in render_metrics(node, SimpleNamespace(reconnects=0))[0]
+
+
+def test_routes_are_the_remote_leases_the_backend_routes() -> None:
+    # node.routes holds every remote lease; a udp node does not route a vxlan host's lease, for one.
+    leases = [Lease(IPv4Network(f"10.5.{i}.0/24"), LeaseAttrs(IPv4Address(f"10.99.0.{i}"))) for i in (2, 3, 4)]
+    node: Any = _Node(values={}, routes=RouteTable(leases), lease=None, config=None, last_event_at=None,
+                      backend=SimpleNamespace(leases_not_routed=1))
+    body, _ = render_metrics(node, SimpleNamespace(reconnects=0))
+    assert "flannel_routes 2.0" in body and "flannel_leases_not_routed 1.0" in body

@@ -99,6 +99,7 @@ class UdpBackend(Backend):
         self._failed = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ignored: set[tuple[str, str]] = set()  # (lease key, reason) already logged
+        self._unrouted: set[IPv4Network] = set()  # remote leases known and not usable now
 
     @property
     def mtu(self) -> int:
@@ -197,8 +198,14 @@ class UdpBackend(Backend):
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.call_soon_threadsafe(self._failed.set)
 
+    @property
+    def leases_not_routed(self) -> int:
+        """Remote leases not routed now (another backend type, a subnet of another shape, ...): a gauge."""
+        return len(self._unrouted)
+
     async def apply(self, added: list[Lease], removed: list[Lease]) -> None:
         for lease in removed:
+            self._unrouted.discard(lease.subnet)
             subnet = int(lease.subnet.network_address)
             # Only if the slot still points at this lease's host: a newer lease may hold the subnet.
             if self._usable(lease, quiet=True) and self.table.lookup(subnet) == int(lease.attrs.public_ip):
@@ -206,10 +213,12 @@ class UdpBackend(Backend):
                 log.info("route removed", subnet=str(lease.subnet), public_ip=str(lease.attrs.public_ip))
         for lease in added:
             if not self._usable(lease):
+                self._unrouted.add(lease.subnet)
                 # A subnet whose lease changed to another backend no longer goes through us.
                 if lease.subnet.prefixlen == self.config.subnet_len and lease.subnet.subnet_of(self.network):
                     self.table.remove(int(lease.subnet.network_address))
                 continue
+            self._unrouted.discard(lease.subnet)
             peer = int(lease.attrs.public_ip)
             if self.table.lookup(int(lease.subnet.network_address)) != peer:
                 self.table.set(int(lease.subnet.network_address), peer)
