@@ -378,6 +378,17 @@ cdef Py_ssize_t net_unreachable(const unsigned char* pkt, Py_ssize_t n, unsigned
 
 
 @cython.final
+cdef inline bint icmp_query(const unsigned char* buf, Py_ssize_t n) noexcept nogil:
+    """An ICMP query or its reply (echo, router, timestamp, information, address mask: Linux's non-error
+    types), which may be answered with an error; errors and unknown types may not."""
+    cdef Py_ssize_t ihl = (buf[0] & 0x0F) * 4
+    cdef unsigned char t
+    if n <= ihl:
+        return 0
+    t = buf[ihl]
+    return t == 0 or 8 <= t <= 10 or 13 <= t <= 18
+
+
 cdef class PacketCore:
     """Verdicts for one node: the route table, the TUN MTU and the counters."""
 
@@ -411,8 +422,10 @@ cdef class PacketCore:
             value[0] = C_ENCAP_DROP + 5
             frag_off = ((<uint32_t>buf[6] & 0x1F) << 8) | buf[7]
             src = rd32(buf + 12)
-            # No ICMP error about ICMP, non-first fragments, or to a source that cannot take one.
-            if buf[9] == 1 or frag_off != 0 or src == 0 or (src >> 28) >= 0xE:
+            # No ICMP error about an ICMP error (RFC 1122 3.2.2; queries such as ping get one, as from Linux),
+            # about a non-first fragment, or to a source that cannot take one (RFC 1812 4.3.2.7).
+            if ((buf[9] == 1 and not icmp_query(buf, n)) or frag_off != 0 or src == 0 or (src >> 28) >= 0xE
+                    or (src >> 24) == 127):
                 return V_DROP
             value[0] = <uint32_t>net_unreachable(buf, n, reply)
             self.counts[C_ICMP_SENT] += 1

@@ -227,8 +227,18 @@ def _put32(buf: bytearray | memoryview, off: int, v: int) -> None:
 
 
 def _may_answer(src: int) -> bool:
-    """No ICMP error to 0.0.0.0, 255.255.255.255, multicast or class E (RFC 1812 4.3.2.7)."""
-    return src != 0 and (src >> 28) < 0xE
+    """No ICMP error to 0.0.0.0, loopback, 255.255.255.255, multicast or class E (RFC 1812 4.3.2.7)."""
+    return src != 0 and (src >> 28) < 0xE and (src >> 24) != 127
+
+
+# ICMP types that are queries or their replies (echo, router, timestamp, information, address mask): Linux's
+# non-error types. Only these may be answered with an ICMP error (RFC 1122 3.2.2); errors and unknown types not.
+_ICMP_QUERIES = frozenset({0, 8, 9, 10, 13, 14, 15, 16, 17, 18})
+
+
+def _icmp_query(packet: bytearray | memoryview, n: int) -> bool:
+    ihl = (packet[0] & 0x0F) * 4
+    return n > ihl and packet[ihl] in _ICMP_QUERIES
 
 
 class PacketCore:
@@ -283,7 +293,7 @@ class PacketCore:
             c[base + 5] += 1
             frag_off = ((packet[6] & 0x1F) << 8) | packet[7]
             src = _u32(packet, 12)
-            if packet[9] == IPPROTO_ICMP or frag_off != 0 or not _may_answer(src):
+            if (packet[9] == IPPROTO_ICMP and not _icmp_query(packet, n)) or frag_off != 0 or not _may_answer(src):
                 return DROP, base + 5
             m = self._net_unreachable(packet, n, reply)
             c[ICMP_SENT] += 1

@@ -280,12 +280,17 @@ def test_encap_icmp_quotes_short_packets_whole(impl: ModuleType) -> None:
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(("what", "kwargs", "src"), [
-    ("icmp echo", {"proto": 1}, "10.10.1.2"),
-    ("icmp error", {"proto": 1, "payload": b"\x03\x00" + b"\0" * 6}, "10.10.1.2"),
+    *((f"icmp error type {t}", {"proto": 1, "payload": bytes([t, 0]) + b"\0" * 6}, "10.10.1.2")
+      for t in (3, 4, 5, 11, 12)),
+    *((f"icmp unknown type {t}", {"proto": 1, "payload": bytes([t, 0]) + b"\0" * 6}, "10.10.1.2")
+      for t in (1, 2, 6, 7, 19, 255)),
+    ("icmp without a type byte", {"proto": 1, "payload": b""}, "10.10.1.2"),
     ("non-first fragment", {"frag": 185}, "10.10.1.2"),
     ("non-first fragment, DF|MF bits", {"frag": 0x6000 | 1}, "10.10.1.2"),
     ("source 0.0.0.0", {}, "0.0.0.0"),
+    ("loopback source", {}, "127.0.0.1"),
     ("multicast source", {}, "224.0.0.5"),
+    ("broadcast source", {}, "255.255.255.255"),
 ])
 def test_encap_no_icmp_for_icmp_fragments_or_bad_sources(impl: ModuleType, what: str, kwargs: dict[str, Any],
                                                           src: str) -> None:
@@ -295,6 +300,18 @@ def test_encap_no_icmp_for_icmp_fragments_or_bad_sources(impl: ModuleType, what:
     assert verdict == impl.DROP and name(impl, value) == "encap_drop_no_route", what
     assert reply == bytearray(impl.ICMP_REPLY_MAX)
     assert core.counters()["icmp_unreachable_sent"] == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("icmp_type", [8, 0, 13, 17])  # echo request and reply, timestamp, address mask
+def test_encap_icmp_queries_get_net_unreachable_as_from_linux(impl: ModuleType, icmp_type: int) -> None:
+    # flanneld answers no ICMP at all, so `ping` to a subnet without a lease just times out; Linux answers
+    # queries and never errors, and ping then prints "Destination Net Unreachable".
+    _, core = make(impl)
+    pkt = ipv4("10.10.1.2", "10.10.9.9", bytes([icmp_type, 0]) + b"\0" * 6, proto=1)
+    reply = bytearray(impl.ICMP_REPLY_MAX)
+    verdict, n = core.encap(pkt, reply)
+    assert verdict == impl.ICMP and reply[20] == 3 and reply[21] == 0 and bytes(reply[28:n]) == bytes(pkt)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
