@@ -26,6 +26,7 @@ from flannelpy.subnet.lease import Lease, LeaseAttrs
 from flannelpy.subnet.registry import (
     CompactedError,
     EventType,
+    HistoryRewoundError,
     KeyValue,
     LeaseNotFoundError,
     Registry,
@@ -536,6 +537,9 @@ class SubnetManager:
                 finally:
                     await batches.aclose()  # type: ignore[attr-defined]
                 log.warning("lease watch ended; listing leases again")
+            except HistoryRewoundError as e:
+                log.warning("etcd revision went back (restored or rebuilt); listing leases again and diffing",
+                            revision=e.compact_revision, watch_revision=e.resume)
             except CompactedError as e:
                 log.warning("etcd history compacted past our watch; listing leases again and diffing",
                             compact_revision=e.compact_revision)

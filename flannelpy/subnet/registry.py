@@ -52,9 +52,20 @@ class LeaseNotFoundError(RegistryError):
 class CompactedError(RegistryError):
     """A watch asked for history that etcd has compacted away; list again and diff."""
 
-    def __init__(self, compact_revision: int) -> None:
-        super().__init__(f"etcd history was compacted up to revision {compact_revision}")
+    def __init__(self, compact_revision: int, message: str | None = None) -> None:
+        super().__init__(message or f"etcd history was compacted up to revision {compact_revision}")
         self.compact_revision = compact_revision
+
+
+class HistoryRewoundError(CompactedError):
+    """etcd's revision is behind the one a watch resumes from: the cluster was restored from a snapshot or
+    rebuilt, and the revisions in between are not the events we missed. List again and diff, as after a
+    compaction (a watch from the old revision would stay silent until etcd counted up to it)."""
+
+    def __init__(self, revision: int, resume: int) -> None:
+        super().__init__(revision, f"etcd is at revision {revision}, behind the watch's {resume}: restored "
+                                   "from a snapshot or rebuilt")
+        self.resume = resume
 
 
 @dataclass(frozen=True)
@@ -579,6 +590,8 @@ class EtcdRegistry:
                         raise RegistryAuthError(f"etcd refused to watch {prefix.decode()!r}: {reason}")
                     raise _WatchRetry(f"watch canceled: {reason}")
                 if resp.created:
+                    if int(resp.header.revision) < start_revision - 1:
+                        raise HistoryRewoundError(int(resp.header.revision), start_revision)
                     continue
                 events = [
                     WatchEvent(EventType.PUT if ev.type == rpc.Event.PUT else EventType.DELETE,
