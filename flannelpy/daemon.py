@@ -12,7 +12,7 @@ import structlog
 
 from flannelpy import __version__
 from flannelpy.errors import ExitCode, FlannelError, LeaseRevokedError
-from flannelpy.node import Node, NodeOptions
+from flannelpy.node import Node, NodeOptions, cancel_tasks
 from flannelpy.observe.log import configure_logging
 from flannelpy.observe.systemd import sd_notify
 
@@ -54,9 +54,7 @@ async def _serve(ns: argparse.Namespace) -> int:
         await asyncio.wait([starter, stopper], return_when=asyncio.FIRST_COMPLETED)
         if not starter.done():
             log.info("Signal received during start-up, exiting")
-            starter.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await starter
+            await cancel_tasks([starter])
             return ExitCode.OK
         starter.result()
         sd_notify("READY=1")

@@ -18,12 +18,38 @@ import structlog
 
 from flannelpy.backend.base import Backend, ExternalInterface, create_backend
 from flannelpy.config import NetworkConfig
+from flannelpy.errors import FlannelError
 from flannelpy.routes import RouteTable
 from flannelpy.subnet.lease import Lease
 from flannelpy.subnet.manager import RENEW_RETRY, SubnetManager
 from flannelpy.subnet.registry import Registry
 
 log = structlog.get_logger()
+
+
+STOP_GRACE = 10.0  # seconds stop() waits for the loops before it goes on without them
+
+
+async def cancel_tasks(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel and wait, cancelling again while they last: a cancellation can be lost in a library. gRPC's aio
+    calls end a task cancelled while a stream is being set up as if nothing happened, and the next read then
+    waits for ever (a SIGTERM during start-up hung the daemon)."""
+    for task in tasks:
+        task.cancel()
+    pending = {t for t in tasks if not t.done()}
+    deadline = asyncio.get_running_loop().time() + STOP_GRACE
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+        if not pending:
+            break
+        if asyncio.get_running_loop().time() >= deadline:
+            log.warning("Loops did not stop; going on without them", loops=sorted(t.get_name() for t in pending))
+            break
+        for task in pending:
+            task.cancel()
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: a loop's failure at stop is not news
 
 
 @dataclass
@@ -196,11 +222,7 @@ class Node:
     async def stop(self) -> None:
         """Stop loops and the backend; the lease stays in etcd so a restart gets the same subnet."""
         tasks, self._tasks = self._tasks, []  # what _task_done finds no longer listed was stopped by us
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_tasks(tasks)
         if self._iptables is not None:
             with contextlib.suppress(Exception):
                 await self._iptables.remove()
@@ -260,8 +282,13 @@ class Node:
         if self.options.subnet_file is not None:
             from flannelpy.host.subnet_file import write_subnet_file
 
-            write_subnet_file(self.options.subnet_file, self.config, self.lease, self.backend.mtu,
-                              self.options.ip_masq)
+            try:
+                write_subnet_file(self.options.subnet_file, self.config, self.lease, self.backend.mtu,
+                                  self.options.ip_masq)
+            except OSError as e:
+                raise FlannelError(f"cannot write the subnet file {self.options.subnet_file}: "
+                                   f"{e.strerror or e}; make its directory writable or choose another path "
+                                   "with --subnet-file") from None
         self.subnet_file_written = True
 
     def _wants_forward_rules(self) -> bool:

@@ -133,3 +133,24 @@ async def test_events_report_a_peer_leaving() -> None:
     assert len(a.routes) == 0
     await b.stop()
     await a.stop()
+
+
+async def test_stop_ends_a_loop_whose_first_cancellation_was_lost() -> None:
+    # gRPC's aio calls end a task cancelled while a stream is being set up as if nothing happened, and the
+    # task then waits on the next read for ever: stop() cancels again (a SIGTERM during start-up hung there).
+    from flannelpy.node import cancel_tasks
+
+    swallowed = asyncio.Event()
+
+    async def swallows_one_cancel() -> None:
+        never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            swallowed.set()
+        await never  # the "next read"
+
+    task = asyncio.ensure_future(swallows_one_cancel())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(cancel_tasks([task]), 30)  # a hang guard, not a timing: it ends or it hangs
+    assert swallowed.is_set() and task.cancelled()
