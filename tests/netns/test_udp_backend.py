@@ -43,6 +43,10 @@ def test_flannel0_is_configured_like_flanneld(udp_pair: Pair) -> None:
     assert NETWORK in routes
     listening = nsexec(h1, "ss", "-lun", "sport = :8285").stdout
     assert "10.99.0.1:8285" in listening
+    # IPv4 only: no IPv6 link-local address, so the kernel sends nothing of its own into flannel0 (its router
+    # solicitations were counted as not_ipv4 drops on an idle node).
+    assert not any(a.get("addr_info") for a in ipj(h1, "-6", "addr", "show", "flannel0"))
+    assert udp_pair.nodes[0].counters()["encap_drop_not_ipv4"] == 0
 
 
 def test_data_path_threads_run_under_normal_scheduling_when_idle_and_sched_rr_if_asked_for(udp_pair: Pair) -> None:

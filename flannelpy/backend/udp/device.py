@@ -21,6 +21,7 @@ import fcntl
 import os
 import struct
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 
 import structlog
 from pyroute2 import IPRoute
@@ -76,6 +77,17 @@ def open_tun(name: str, vnet_hdr: bool = False) -> tuple[int, str]:
         raise TunError(f"cannot create TUN device {name}: {e.strerror}") from None
     kernel_name = out[:IFNAMSIZ].rstrip(b"\0").decode()
     return fd, kernel_name
+
+
+def _no_ipv6(name: str) -> bool:
+    """IPv6 off on flannel0 before it comes up: the udp backend carries IPv4 only, and the kernel's own
+    router solicitations and MLD reports from a link-local address would be the first packets the data path
+    reads (counted as not_ipv4 drops on an idle node). Kernels without IPv6 have nothing to turn off."""
+    try:
+        Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").write_text("1\n")
+    except OSError:
+        return False
+    return True
 
 
 def _no_qdisc(ipr: IPRoute, index: int, name: str) -> str:
@@ -141,6 +153,7 @@ class TunDevice:
                 except NetlinkError as e:
                     if e.code != errno.EEXIST:
                         raise
+                _no_ipv6(kname)
                 ipr.link("set", index=index, state="up")
                 qdisc = _no_qdisc(ipr, index, kname)
                 ipr.route("replace", dst=str(network.network_address), dst_len=network.prefixlen, oif=index)
