@@ -215,13 +215,6 @@ def _client_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
-def _client_fix(ns: argparse.Namespace) -> str:
-    """The etcd flags a verb was given, to repeat in a hint."""
-    return " ".join(f"--{f.name}={getattr(ns, f.dest)}" for f in FLAGS
-                    if f.name.startswith("etcd-") and f.name != "etcd-password"
-                    and getattr(ns, f.dest, f.default) != f.default)
-
-
 def _config_text(value: str) -> str:
     """A JSON object given inline, a file name, or - for standard input."""
     from flannelpy.errors import ConfigError
