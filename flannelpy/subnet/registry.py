@@ -376,7 +376,10 @@ class EtcdRegistry:
                 why = str(e) if isinstance(e, _DialError) else f"{e.code().name}: {e.details()}"
                 errors.append(f"{self.endpoint}: {why}")
                 async with self._conn_lock:
-                    self._index = (self._index + 1) % len(self.endpoints)
+                    failed, self._index = self.endpoint, (self._index + 1) % len(self.endpoints)
+                if len(self.endpoints) > 1:  # a black-holed member costs dial_timeout: say where it went
+                    log.warning("etcd endpoint unreachable; trying the next one", endpoint=failed, error=why,
+                                next=self.endpoint)
                 attempt += 1
                 continue
             try:

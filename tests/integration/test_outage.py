@@ -252,3 +252,17 @@ async def test_an_etcd_restored_to_an_earlier_revision_is_listed_again(private_e
     finally:
         await it.aclose()
         await reg.close()
+
+
+async def test_an_unreachable_first_endpoint_is_named_in_the_log(etcd: EtcdCluster, prefix: str) -> None:
+    # A member down or black-holed costs up to the dial timeout before the next one is tried: the log says so
+    # (start-up seemed to stall for seconds without a word).
+    dead = f"http://127.0.0.1:{free_port()}"
+    reg = EtcdRegistry([dead, *etcd.endpoints])
+    try:
+        with capture_logs() as logs:
+            assert await reg.get(f"{prefix}/nothing") is None
+        skipped = [e for e in logs if e["event"] == "etcd endpoint unreachable; trying the next one"]
+        assert [(e["endpoint"], e["next"]) for e in skipped] == [(dead, etcd.endpoints[0])], logs
+    finally:
+        await reg.close()
