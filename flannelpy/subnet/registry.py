@@ -595,6 +595,7 @@ class EtcdRegistry:
                 if resp.created:
                     if int(resp.header.revision) < start_revision - 1:
                         raise HistoryRewoundError(int(resp.header.revision), start_revision)
+                    yield [], last  # watching again: said now, not at the next event or progress report
                     continue
                 events = [
                     WatchEvent(EventType.PUT if ev.type == rpc.Event.PUT else EventType.DELETE,

@@ -266,3 +266,25 @@ async def test_an_unreachable_first_endpoint_is_named_in_the_log(etcd: EtcdClust
         assert [(e["endpoint"], e["next"]) for e in skipped] == [(dead, etcd.endpoints[0])], logs
     finally:
         await reg.close()
+
+
+async def test_a_resumed_watch_says_so_without_waiting_for_an_event(private_etcd: EtcdCluster, prefix: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # "etcd watch resumed" came with the next event or progress report, up to 20 s after etcd was back.
+    monkeypatch.setattr("flannelpy.subnet.registry.PROGRESS_EVERY", 3600.0)  # no progress report to lean on
+    reg = EtcdRegistry(private_etcd.endpoints)
+    watch = reg.watch_prefix(f"{prefix}/subnets/", 1)
+    getter = asyncio.ensure_future(anext(watch))
+    try:
+        await asyncio.sleep(1)
+        with capture_logs() as logs:
+            private_etcd.kill_member("etcd0")
+            private_etcd.start_member("etcd0")
+            await wait_for_log(logs, "etcd watch resumed", after=0, timeout=30)
+        assert not getter.done()  # no event came: the line did not wait for one
+    finally:
+        getter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await getter
+        await watch.aclose()
+        await reg.close()
