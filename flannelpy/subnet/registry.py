@@ -517,6 +517,7 @@ class EtcdRegistry:
         failures = 0
         reauthed = False
         opened_before = False
+        said = False  # "etcd watch resumed" logged for the current outage
         conn: _Conn | None = None
         try:
             while not self._closed:
@@ -526,9 +527,13 @@ class EtcdRegistry:
                         opened_before = True
                         self._watch_conns.add(conn)
                     async for events, rev in self._watch_stream(conn, p, next_rev):
-                        if failures:
+                        if failures and not said:
                             log.info("etcd watch resumed", endpoint=conn.endpoint.url, revision=next_rev)
-                        backoff, failures, reauthed = 0.2, 0, False
+                            said = True
+                        if events is None:  # accepted; the back-off resets only once etcd answers on it
+                            self.last_success = time.time()
+                            continue
+                        backoff, failures, reauthed, said = 0.2, 0, False, False
                         next_rev = rev + 1
                         self.last_success = time.time()
                         if events:
@@ -566,7 +571,7 @@ class EtcdRegistry:
                 await conn.channel.close(grace=0)
 
     async def _watch_stream(self, conn: _Conn, prefix: bytes,
-                            start_revision: int) -> AsyncIterator[tuple[list[WatchEvent], int]]:
+                            start_revision: int) -> AsyncIterator[tuple[list[WatchEvent] | None, int]]:
         # "hasleader" makes a member that lost its quorum cancel the watch instead of going silent.
         call = conn.watch.Watch(metadata=(*conn.metadata, ("hasleader", "true")))
         ticker: asyncio.Future[None] | None = None
@@ -595,7 +600,7 @@ class EtcdRegistry:
                 if resp.created:
                     if int(resp.header.revision) < start_revision - 1:
                         raise HistoryRewoundError(int(resp.header.revision), start_revision)
-                    yield [], last  # watching again: said now, not at the next event or progress report
+                    yield None, last  # accepted: "resumed" is said now, not at the next event or progress report
                     continue
                 events = [
                     WatchEvent(EventType.PUT if ev.type == rpc.Event.PUT else EventType.DELETE,
