@@ -316,3 +316,30 @@ def test_a_network_too_large_for_the_route_table_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"udp backend: /4 network with /30 subnets.*2\*\*24.*SubnetLen") as e:
         backend({"Network": "16.0.0.0/4", "SubnetLen": 30})
     assert e.value.exit_code == ExitCode.CONFIG
+
+
+async def test_a_loop_that_does_not_stop_keeps_its_fds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Closed under a live loop, the socket's fd number could be reused at once and written by the loop.
+    import socket
+    import threading
+    from types import SimpleNamespace
+
+    import flannelpy.backend.udp.backend as udp_backend
+
+    monkeypatch.setattr(udp_backend, "STOP_TIMEOUT", 0.1)
+    b = backend()
+    release = threading.Event()
+    stuck = threading.Thread(target=release.wait, name="encap", daemon=True)
+    stuck.start()
+    b._threads = [stuck]
+    b.datapath = SimpleNamespace(stop=lambda: None)  # type: ignore[assignment]
+    b.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await b.stop()
+        assert b.sock.fileno() >= 0  # still open
+        assert [e["loops"] for e in logs if e["event"].startswith("data path loop did not stop")] == [["encap"]]
+    finally:
+        release.set()
+        stuck.join()
+        b.sock.close()

@@ -256,8 +256,12 @@ class UdpBackend(Backend):
         threads, self._threads = self._threads, []
         for t in threads:
             await asyncio.to_thread(t.join, STOP_TIMEOUT)
-            if t.is_alive():
-                log.error("data path loop did not stop", loop=t.name)
+        alive = [t.name for t in threads if t.is_alive()]
+        if alive:
+            # Its socket and TUN stay open: closed, their fd numbers could be reused at once by something else
+            # (a netlink socket, a log file), which the loop would then read and write.
+            log.error("data path loop did not stop; leaving its socket and TUN open", loops=alive)
+            return
         if self.sock is not None:
             self.sock.close()
             self.sock = None
