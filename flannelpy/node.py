@@ -205,14 +205,20 @@ class Node:
         self._spawn(self._watch(), "watch")
         self._spawn(self.manager.keep_lease(self.lease), "renew")
         self._spawn(self.backend.run(), "backend")
-        # Routes to the peers that exist now are in place before containers are told to start.
-        waiter: asyncio.Future[Any] = asyncio.ensure_future(self._first_snapshot.wait())
-        pending: list[asyncio.Future[Any]] = [waiter, self._done]
-        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        if self._done.done():
-            waiter.cancel()
-            self._done.result()
-        self._write_subnet_file()
+        try:
+            # Routes to the peers that exist now are in place before containers are told to start.
+            waiter: asyncio.Future[Any] = asyncio.ensure_future(self._first_snapshot.wait())
+            pending: list[asyncio.Future[Any]] = [waiter, self._done]
+            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if self._done.done():
+                waiter.cancel()
+                self._done.result()
+            self._write_subnet_file()
+        except BaseException:
+            # A start that fails (or is cancelled) stops what it started: its loops would otherwise renew the
+            # lease and watch etcd for ever in a program that retries start().
+            await self.stop()
+            raise
 
     async def wait(self) -> None:
         """Until a background loop fails (its exception is raised here) or stop() is called."""
@@ -223,9 +229,10 @@ class Node:
         """Stop loops and the backend; the lease stays in etcd so a restart gets the same subnet."""
         tasks, self._tasks = self._tasks, []  # what _task_done finds no longer listed was stopped by us
         await cancel_tasks(tasks)
-        if self._iptables is not None:
+        iptables, self._iptables = self._iptables, None  # a second stop() (after a failed start) has none left
+        if iptables is not None:
             with contextlib.suppress(Exception):
-                await self._iptables.remove()
+                await iptables.remove()
         if self.backend is not None:
             await self.backend.stop()
         if self._done is not None:

@@ -77,7 +77,7 @@ class SubnetManager:
         self._renew_now = False
         self._wake = asyncio.Event()  # wakes keep_lease: revoked, or renew at once
         self._revoked_evt = asyncio.Event()  # ends watch_leases at once
-        self._reported: set[tuple[str, int]] = set()
+        self._reported: dict[str, str] = {}  # key -> why it was last logged as unusable (keys in etcd only)
 
     # -- network config ------------------------------------------------------------------------
 
@@ -144,9 +144,11 @@ class SubnetManager:
     # -- parsing -------------------------------------------------------------------------------
 
     def _report_once(self, key: str, revision: int, why: str) -> None:
-        if (key, revision) in self._reported:
+        # Once per key and reason: a writer that keeps rewriting a bad entry is not a log line per write, and
+        # what is remembered goes with the key (deleted, or gone from a fresh listing), so it cannot pile up.
+        if self._reported.get(key) == why:
             return
-        self._reported.add((key, revision))
+        self._reported[key] = why
         log.warning("ignoring an entry under subnets/ that is not a usable lease", key=key,
                     revision=revision, reason=why)
 
@@ -484,10 +486,12 @@ class SubnetManager:
     def _to_events(self, batch: list[WatchEvent], own: Lease) -> list[LeaseEvent]:
         events: list[LeaseEvent] = []
         for ev in batch:
+            if ev.type is EventType.DELETE:
+                self._reported.pop(ev.key, None)
             subnet = self._subnet_of(ev.key)
             if subnet is None:
                 if ev.type is EventType.PUT:
-                    self._report_once(ev.key, ev.revision, f"not a subnet key: {ev.key.rsplit('/', 1)[-1]!r}")
+                    self._parse(KeyValue(ev.key, ev.value, ev.lease, ev.revision, ev.create_revision))  # says why
                 continue
             if subnet == own.subnet:
                 self._own_event(own, ev.type, ev.value)
@@ -507,6 +511,8 @@ class SubnetManager:
         first = True
         while True:
             kvs, rev = await self._list()
+            present = {kv.key for kv in kvs}
+            self._reported = {k: why for k, why in self._reported.items() if k in present}
             snapshot: list[Lease] = []
             own_seen: KeyValue | None = None
             for kv in kvs:

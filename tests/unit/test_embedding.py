@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import flannelpy
-from flannelpy.errors import LeaseRevokedError
+from flannelpy.errors import FlannelError, LeaseRevokedError
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = b'{"Network": "10.5.0.0/16", "Backend": {"Type": "alloc"}}'
@@ -154,3 +154,20 @@ async def test_stop_ends_a_loop_whose_first_cancellation_was_lost() -> None:
     await asyncio.sleep(0)
     await asyncio.wait_for(cancel_tasks([task]), 30)  # a hang guard, not a timing: it ends or it hangs
     assert swallowed.is_set() and task.cancelled()
+
+
+async def test_a_failed_start_stops_the_loops_it_started(tmp_path: Path) -> None:
+    # A program that retries start() after a failure piled up watch and renewal loops (and etcd watches):
+    # 100 failed starts left 600 tasks running, each renewing the lease.
+    registry = flannelpy.MemoryRegistry()
+    await registry.put("/coreos.com/network/config", CONFIG)
+    (tmp_path / "a-directory").mkdir()  # the subnet file's path is a directory: start() fails at the end
+    options = flannelpy.NodeOptions(subnet_file=tmp_path / "a-directory", iptables_forward_rules=False)
+    before = len(asyncio.all_tasks())
+    for _ in range(3):
+        node = flannelpy.Node(registry, _iface(1), options)
+        with pytest.raises(FlannelError, match="cannot write the subnet file"):
+            await node.start()
+    assert len(asyncio.all_tasks()) == before
+    assert not registry._watchers  # no etcd watch left open
+    await node.stop()  # still allowed

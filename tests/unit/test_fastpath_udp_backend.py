@@ -100,6 +100,19 @@ async def test_apply_turns_udp_leases_into_routes(kind: str) -> None:
     assert b.leases_not_routed == 3 and route(b, "10.10.7.9") == "10.99.0.7"
 
 
+async def test_an_ignored_lease_is_said_once_while_it_lasts_and_again_when_it_comes_back() -> None:
+    # What was logged is remembered per subnet while the lease is there (it was per key and reason, for ever).
+    b = backend()
+    vx = lease("10.10.4.0/24", "10.99.0.4", "vxlan")
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):
+            await b.apply([vx], [])  # renewals
+        await b.apply([], [vx])
+        await b.apply([vx], [])  # the host came back, still vxlan
+    assert len([e for e in logs if e["event"] == "lease ignored by the udp backend"]) == 2
+    assert b.leases_not_routed == 1
+
+
 def test_counters_before_start_are_zero() -> None:
     counts = backend().counters()
     assert counts["encap_packets"] == 0 and "decap_drop_unknown_sender" in counts

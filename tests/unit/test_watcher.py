@@ -243,3 +243,25 @@ async def test_known_lease_overwritten_with_garbage_is_removed() -> None:
     await reg.put(SUBNETS + "10.5.2.0-24", b"{broken")
     assert await next_diff(it) == ([], [2])
     await it.aclose()
+
+
+async def test_a_key_rewritten_with_garbage_is_logged_once_and_forgotten_when_deleted() -> None:
+    # One bad writer rewriting a key: one log line (not one per write), and the memory of it goes with the key
+    # (it was kept per key and revision, for ever: 50,000 bad writes held 6 MB).
+    reg = MemoryRegistry()
+    m, own = await own_lease(reg)
+    it = m.watch_leases(CONFIG, own)
+    assert await next_diff(it) == ([], [])
+    with capture_logs() as logs:
+        for _ in range(100):
+            await reg.put(SUBNETS + "10.5.9.0-24", b"garbage")
+            await reg.put(SUBNETS + "nonsense", b"{}")
+        await put_lease(reg, 2)
+        assert await next_diff(it) == ([2], [])
+    assert len([e for e in logs if e["event"].startswith("ignoring an entry")]) == 2
+    await reg.delete(SUBNETS + "10.5.9.0-24")
+    await reg.delete(SUBNETS + "nonsense")
+    await put_lease(reg, 3)
+    assert await next_diff(it) == ([3], [])
+    assert m._reported == {}
+    await it.aclose()

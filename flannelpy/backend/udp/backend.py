@@ -98,8 +98,7 @@ class UdpBackend(Backend):
         self._failure: BaseException | None = None
         self._failed = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._ignored: set[tuple[str, str]] = set()  # (lease key, reason) already logged
-        self._unrouted: set[IPv4Network] = set()  # remote leases known and not usable now
+        self._unrouted: dict[IPv4Network, str] = {}  # remote leases known and not usable now -> why (logged)
 
     @property
     def mtu(self) -> int:
@@ -205,7 +204,7 @@ class UdpBackend(Backend):
 
     async def apply(self, added: list[Lease], removed: list[Lease]) -> None:
         for lease in removed:
-            self._unrouted.discard(lease.subnet)
+            self._unrouted.pop(lease.subnet, None)
             subnet = int(lease.subnet.network_address)
             # Only if the slot still points at this lease's host: a newer lease may hold the subnet.
             if self._usable(lease, quiet=True) and self.table.lookup(subnet) == int(lease.attrs.public_ip):
@@ -213,12 +212,11 @@ class UdpBackend(Backend):
                 log.info("route removed", subnet=str(lease.subnet), public_ip=str(lease.attrs.public_ip))
         for lease in added:
             if not self._usable(lease):
-                self._unrouted.add(lease.subnet)
                 # A subnet whose lease changed to another backend no longer goes through us.
                 if lease.subnet.prefixlen == self.config.subnet_len and lease.subnet.subnet_of(self.network):
                     self.table.remove(int(lease.subnet.network_address))
                 continue
-            self._unrouted.discard(lease.subnet)
+            self._unrouted.pop(lease.subnet, None)
             peer = int(lease.attrs.public_ip)
             if self.table.lookup(int(lease.subnet.network_address)) != peer:
                 self.table.set(int(lease.subnet.network_address), peer)
@@ -239,8 +237,8 @@ class UdpBackend(Backend):
             reason = "PublicIP is not unicast"
         if not reason:
             return True
-        if not quiet and (lease.key, reason) not in self._ignored:
-            self._ignored.add((lease.key, reason))
+        if not quiet and self._unrouted.get(lease.subnet) != reason:
+            self._unrouted[lease.subnet] = reason  # said once while it stays unusable for that reason
             log.warning("lease ignored by the udp backend", subnet=str(lease.subnet),
                         public_ip=str(lease.attrs.public_ip), reason=reason)
         return False
