@@ -95,6 +95,9 @@ class KernelBackend(Backend, abc.ABC):
             old = self._leases.pop(lease.subnet, None)
             if old is not None:
                 before.append(old)
+        if removed:  # a lease that went is no longer "not routed" (the gauge), nor remembered as reported
+            gone = {lease.subnet for lease in removed}
+            self._reported = {r for r in self._reported if r[0] not in gone}
         for lease in added:
             if self.lease is not None and lease.subnet == self.lease.subnet:
                 continue

@@ -202,6 +202,7 @@ async def test_mismatched_backend_and_unreachable_peer_not_routed(lab: Topology,
     assert "directly connected" in far_report["reason"] and far_report["public_ip"] == "192.0.2.7"
     assert n1.backend.leases_not_routed == 3  # flannel_leases_not_routed
     await n1.backend.apply([], [vxlan, udp])
+    assert n1.backend.leases_not_routed == 1  # at once, not at the next full reconcile
     await n1.backend.reconcile()
     assert n1.backend.leases_not_routed == 1
 
