@@ -177,6 +177,8 @@ def _parse_backend(raw: Any) -> BackendConfig:
         raise ConfigError(f'config key Backend={raw!r}: must be an object such as {{"Type": "vxlan"}}')
     opts = _lower_keys(raw, "Backend.")
     btype = opts.get("type")
+    if isinstance(btype, str):
+        btype = opts["type"] = btype.lower()  # as flanneld's backend manager: "VXLAN" and "Host-GW" work
     if not isinstance(btype, str) or btype not in BACKEND_TYPES:
         raise ConfigError(
             f"config key Backend.Type={btype!r}: unknown backend type; use one of {', '.join(BACKEND_TYPES)}"

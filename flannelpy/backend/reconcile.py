@@ -297,7 +297,7 @@ def desired_vxlan(
                                    {"backend_data": repr(lease.attrs.backend_data)}))
             continue
         mac, lease_vni = vtep
-        if lease_vni is not None and lease_vni != vni:
+        if lease_vni is not None and lease_vni != vni & 0xFFFF and lease_vni != vni:  # 16 bits in flanneld's
             skipped.append(Skipped(lease.subnet, "VNI mismatch",
                                    {"lease_vni": str(lease_vni), "our_vni": str(vni)}))
             continue

@@ -9,7 +9,9 @@ permanent; the watch starts at the revision of the snapshot it follows, so no le
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import itertools
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -202,10 +204,17 @@ class SubnetManager:
         assert config.subnet_min is not None
         step = 1 << (32 - config.subnet_len)
         start = int(config.subnet_min)
+        # A lease of another size (SubnetLen changed while older hosts keep theirs) takes every subnet it
+        # overlaps, as in flanneld: each candidate is checked against the taken ranges.
+        ranges = sorted((int(t.network_address), int(t.broadcast_address)) for t in taken)
+        firsts = [first for first, _ in ranges]
+        reach = list(itertools.accumulate((last for _, last in ranges), max))  # furthest end so far
         for i in range(config.subnet_count()):
-            subnet = IPv4Network((start + i * step, config.subnet_len))
-            if subnet not in taken:
-                yield subnet
+            lo = start + i * step
+            j = bisect.bisect_right(firsts, lo + step - 1)  # the ranges that start at or before our end
+            if j and reach[j - 1] >= lo:
+                continue
+            yield IPv4Network((lo, config.subnet_len))
 
     def _out_of_subnets(self, config: NetworkConfig) -> OutOfSubnetsError:
         return OutOfSubnetsError(
@@ -222,7 +231,7 @@ class SubnetManager:
                               "networks are not supported")
         if config.enable_ipv6:
             log.warning("IPv6 subnets are not leased by flannelpy yet; leasing IPv4 only (the subnet file gets "
-                        "no FLANNEL_IPV6_* lines unless a dual-stack lease of this host is reused)",
+                        "no FLANNEL_IPV6_* lines unless a dual-stack reservation of this host is reused)",
                         ipv6_network=str(config.ipv6_network))
         if prev_subnet is not None and not config.contains_subnet(prev_subnet):
             log.info("subnet from the subnet file does not fit the network config; ignoring it",
@@ -285,6 +294,17 @@ class SubnetManager:
                 await self.registry.delete(self.subnets_prefix + lease.key)
                 taken.discard(lease.subnet)
                 continue
+            if lease.ipv6_subnet is not None and not lease.is_reservation:
+                # A dual-stack lease of flanneld's: flannelpy leases no IPv6, and under that key a value without
+                # BackendV6Data makes dual-stack flanneld peers skip the lease (and IPv4-only vxlan ones panic).
+                # Like flanneld with an IPv6-incompatible config: delete it; the same IPv4 subnet is claimed
+                # again under an IPv4-only key.
+                log.info("Found dual-stack lease for current IP; replacing it with an IPv4-only one",
+                         key=self.subnets_prefix + lease.key, public_ip=str(attrs.public_ip))
+                await self.registry.delete(self.subnets_prefix + lease.key)
+                taken.discard(lease.subnet)
+                prev_subnet = prev_subnet or lease.subnet
+                continue
             key = self.subnets_prefix + lease.key
             if lease.is_reservation:
                 if lease.attrs != attrs:
@@ -301,11 +321,10 @@ class SubnetManager:
                 return "gone"
             log.info("Found lease for current IP, reusing", subnet=str(lease.subnet),
                      public_ip=str(attrs.public_ip), etcd_lease=f"{lease.etcd_lease_id:x}")
-            # The key's IPv6 part too (a dual-stack lease of flanneld's): renewal reads that same key.
-            return Lease(lease.subnet, attrs, lease.ipv6_subnet, self._clock() + ttl, lease.etcd_lease_id, rev)
+            return Lease(lease.subnet, attrs, None, self._clock() + ttl, lease.etcd_lease_id, rev)
 
         # 2. The subnet we had before (subnet file), 3. a random one of the first free ones.
-        if prev_subnet is not None and prev_subnet not in taken:
+        if prev_subnet is not None and not any(prev_subnet.overlaps(t) for t in taken):
             subnet = prev_subnet
             how = "subnet file"
         else:

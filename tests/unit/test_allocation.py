@@ -84,15 +84,39 @@ async def test_reservation_is_reused_and_stays_permanent(reg: MemoryRegistry, cl
     assert kv is not None and kv.lease == 0  # never converted into a 24 h lease
 
 
-@pytest.mark.parametrize("ttl", [86400, None], ids=["lease", "reservation"])
-async def test_a_dual_stack_lease_of_ours_is_reused_under_its_own_key(reg: MemoryRegistry, clock: FakeClock,
-                                                                   ttl: float | None) -> None:
-    # Written by a dual-stack flanneld before: renewal must go on reading this key, not a v4-only one.
+async def test_a_dual_stack_reservation_of_ours_is_reused_under_its_own_key(reg: MemoryRegistry,
+                                                                         clock: FakeClock) -> None:
+    # An operator's reservation is not ours to delete: renewal-free, it stays under its key.
     key = SUBNETS + "10.5.85.0-24&fd00:6:0:2f::-64"
-    await reg.put(key, ME.to_json(), reg.grant(ttl) if ttl else 0)
+    await reg.put(key, ME.to_json())
     lease = await manager(reg, clock).acquire_lease(CONFIG, ME)
     assert SUBNETS + lease.key == key and str(lease.ipv6_subnet) == "fd00:6:0:2f::/64"
     assert [kv.key for kv in (await reg.list_prefix(SUBNETS))[0]] == [key]  # no second key for the subnet
+
+
+async def test_a_dual_stack_lease_of_ours_becomes_an_ipv4_only_one_of_the_same_subnet(reg: MemoryRegistry,
+                                                                                       clock: FakeClock) -> None:
+    # Left by a dual-stack flanneld on this host. Under that key flannelpy's value (no BackendV6Data) makes
+    # dual-stack flanneld peers skip the lease, and IPv4-only vxlan ones crash on it: flanneld itself deletes
+    # such a lease when its config has no IPv6. The IPv4 subnet is kept.
+    await reg.put(SUBNETS + "10.5.85.0-24&fd00:6:0:2f::-64", ME.to_json(), reg.grant(86400))
+    lease = await manager(reg, clock).acquire_lease(CONFIG, ME)
+    assert lease.subnet == IPv4Network("10.5.85.0/24") and lease.ipv6_subnet is None
+    assert [kv.key for kv in (await reg.list_prefix(SUBNETS))[0]] == [SUBNETS + "10.5.85.0-24"]
+
+
+async def test_a_lease_of_another_size_takes_every_subnet_it_overlaps(reg: MemoryRegistry,
+                                                                      clock: FakeClock) -> None:
+    # SubnetLen went from 24 to 25 while an older host keeps renewing its /24: neither half is free (as in
+    # flanneld), from the random choice or from the subnet file.
+    other = LeaseAttrs(IPv4Address("10.99.0.77"))
+    narrow = parse_config('{"Network":"10.5.0.0/16","SubnetLen":25,"SubnetMin":"10.5.1.0","SubnetMax":"10.5.2.0"}')
+    await hold(reg, "10.5.1.0/24", other)
+    lease = await manager(reg, clock).acquire_lease(narrow, ME, prev_subnet=IPv4Network("10.5.1.128/25"))
+    assert lease.subnet == IPv4Network("10.5.2.0/25")
+    third = LeaseAttrs(IPv4Address("10.99.0.78"))
+    with pytest.raises(OutOfSubnetsError):
+        await manager(reg, clock).acquire_lease(narrow, third)
 
 
 async def test_our_lease_that_does_not_fit_is_deleted(reg: MemoryRegistry, clock: FakeClock) -> None:

@@ -397,3 +397,15 @@ def test_incompatible_device_reasons() -> None:
     spec4789 = VxlanSpec("flannel.1", 1, A("10.99.0.1"), IFACE, port=4789)
     assert device_incompatibility(link(port=4789), spec4789) is None
     assert "destination port 8472" in str(device_incompatibility(link(), spec4789))
+
+
+def test_a_vni_above_16_bits_meets_flanneld_s_16_bit_lease_field() -> None:
+    # flanneld writes uint16(VNI) into BackendData and cannot read more: with VNI 70000 its leases say 4464,
+    # and so do ours (VxlanBackend.lease_attrs); either must be routed by a node with VNI 70000.
+    leases = [vx("10.5.2.0/24", "10.99.0.2", "02:00:00:00:00:02", vni=70000 & 0xFFFF),
+              vx("10.5.3.0/24", "10.99.0.3", "02:00:00:00:00:03", vni=70000),
+              vx("10.5.4.0/24", "10.99.0.4", "02:00:00:00:00:04", vni=4465)]
+    state, skipped = desired_vxlan(leases, own_subnet=OWN, vtep_index=VTEP, iface_index=IFACE, vni=70000,
+                                   direct_routing=False, connected=LAN)
+    assert {r.dst for r in state.routes} == {N("10.5.2.0/24"), N("10.5.3.0/24")}
+    assert [(str(s.subnet), s.reason) for s in skipped] == [("10.5.4.0/24", "VNI mismatch")]

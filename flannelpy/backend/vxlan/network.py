@@ -73,7 +73,8 @@ class VxlanBackend(KernelBackend):
         return LeaseAttrs(
             public_ip=self.iface.public_ip,
             backend_type=self.type,
-            backend_data={"VNI": self.vni, "VtepMAC": self.device.mac},
+            # flanneld's BackendData holds the VNI as 16 bits (it writes uint16(VNI) and cannot read more).
+            backend_data={"VNI": self.vni & 0xFFFF, "VtepMAC": self.device.mac},
         )
 
     async def start(self, lease: Lease) -> None:
