@@ -3,7 +3,7 @@ cimport cython
 from libc.stdint cimport uint32_t, uint64_t
 
 cdef enum:
-    NCOUNTERS = 24
+    NCOUNTERS = 25
     V_DROP = 0
     V_FORWARD = 1
     V_ICMP = 2
@@ -18,7 +18,8 @@ cdef enum:
                             #   5 no_route, 6 ttl_expired, 7 send_error
     C_ENCAP_DROP_SEND_ERROR = 13
     C_DECAP_DROP = 14       # + 0 short, 1 not_ipv4, 2 bad_header, 3 bad_length, 4 truncated,
-                            #   5 oversized, 6 unknown_sender, 7 spoofed_source, 8 ttl_expired, 9 write_error
+                            #   5 oversized, 6 unknown_sender, 7 spoofed_source, 8 ttl_expired, 9 write_error,
+                            #   10 wrong_destination
     C_DECAP_DROP_WRITE_ERROR = 23
     ICMP_REPLY_MAX_C = 96
 
@@ -53,6 +54,8 @@ cdef class PacketCore:
     cdef readonly RouteTable table
     cdef readonly int mtu
     cdef uint64_t counts[NCOUNTERS]
+    cdef uint32_t own_net      # our lease: what a datagram may be addressed to (own_mask 0: not set, no check)
+    cdef uint32_t own_mask
 
     cdef int encap_c(self, unsigned char* buf, Py_ssize_t n, unsigned char* reply,
                      uint32_t* value) noexcept nogil

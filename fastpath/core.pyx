@@ -54,6 +54,7 @@ COUNTERS = (
     "decap_drop_spoofed_source",
     "decap_drop_ttl_expired",
     "decap_drop_write_error",
+    "decap_drop_wrong_destination",
 )
 assert len(COUNTERS) == NCOUNTERS
 ENCAP_DROP_SEND_ERROR = C_ENCAP_DROP_SEND_ERROR
@@ -399,6 +400,19 @@ cdef class PacketCore:
         self.mtu = mtu
         memset(self.counts, 0, sizeof(self.counts))
 
+    def set_own_subnet(self, object network, int prefix_len):
+        """Our lease's subnet (network address as an int): decap then delivers only datagrams addressed to it
+        (others: wrong_destination). Until it is set, any destination is delivered."""
+        cdef uint32_t mask, net
+        if not 0 < prefix_len <= 32:
+            raise ValueError(f"prefix_len={prefix_len} out of range 1..32")
+        check_addr("network", network)
+        mask = <uint32_t>((<uint64_t>0xFFFFFFFF << (32 - prefix_len)) & 0xFFFFFFFF)
+        net = <uint32_t>network
+        self.own_mask = 0  # no half-set pair is ever seen by a loop (mask 0 matches every address)
+        self.own_net = net & mask
+        self.own_mask = mask
+
     cdef int encap_c(self, unsigned char* buf, Py_ssize_t n, unsigned char* reply,
                      uint32_t* value) noexcept nogil:
         cdef int bad = header_drop(buf, n)
@@ -459,6 +473,10 @@ cdef class PacketCore:
                 bad = 7 if self.table.is_peer_c(sender) else 6
             if bad < 0 and buf[8] <= 1:
                 bad = 8
+            # A peer sends us only what its route table sends to our subnet; anything else (the host's own
+            # addresses, other networks) would be delivered or forwarded by our kernel on a peer's word.
+            if bad < 0 and rd32(buf + 16) & self.own_mask != self.own_net:
+                bad = 10
         if bad >= 0:
             self.counts[C_DECAP_DROP + bad] += 1
             value[0] = C_DECAP_DROP + bad

@@ -45,6 +45,7 @@ COUNTERS: tuple[str, ...] = (
     "decap_drop_spoofed_source",
     "decap_drop_ttl_expired",
     "decap_drop_write_error",
+    "decap_drop_wrong_destination",
 )
 _IDX = {name: i for i, name in enumerate(COUNTERS)}
 (ENCAP_PACKETS, ENCAP_BYTES, DECAP_PACKETS, DECAP_BYTES, ICMP_SENT, ICMP_WRITE_ERROR) = range(6)
@@ -250,6 +251,17 @@ class PacketCore:
         self.table = table
         self.mtu = mtu
         self._counts = [0] * len(COUNTERS)
+        self._own_net = self._own_mask = 0  # not set: any destination is delivered
+
+    def set_own_subnet(self, network: int, prefix_len: int) -> None:
+        """Our lease's subnet: decap then delivers only datagrams addressed to it (others: wrong_destination)."""
+        if not 0 < prefix_len <= 32:
+            raise ValueError(f"prefix_len={prefix_len} out of range 1..32")
+        _check_addr("network", network)
+        mask = (0xFFFFFFFF << (32 - prefix_len)) & 0xFFFFFFFF
+        self._own_mask = 0
+        self._own_net = network & mask
+        self._own_mask = mask
 
     def _header_drop(self, buf: bytearray | memoryview, length: int, base: int) -> int:
         """Index of the drop counter (relative names) when buf[:length] is not one IPv4 packet, else -1."""
@@ -355,6 +367,9 @@ class PacketCore:
         if packet[8] <= 1:
             c[base + 8] += 1
             return DROP, base + 8
+        if _u32(packet, 16) & self._own_mask != self._own_net:  # only what is addressed to our subnet
+            c[base + 10] += 1
+            return DROP, base + 10
         _decrement_ttl(packet)
         c[DECAP_PACKETS] += 1
         c[DECAP_BYTES] += n

@@ -111,6 +111,7 @@ def test_datagrams_from_hosts_without_a_lease_never_reach_the_tun(nodes: tuple[F
     send_raw("127.0.0.2", ("127.0.0.3", b.port), bytes(ipv4("10.10.5.2", "10.10.2.3")), 0)  # wrong subnet
     send_raw("127.0.0.2", ("127.0.0.3", b.port), bytes(ipv4("10.10.1.2", "10.10.2.3", b"t" * 50)[:40]))  # truncated
     send_raw("127.0.0.2", ("127.0.0.3", b.port), bytes(ipv4("10.10.1.2", "10.10.2.3", b"x" * 3000)))  # oversized
+    send_raw("127.0.0.2", ("127.0.0.3", b.port), bytes(ipv4("10.10.1.2", "127.0.0.3", b"host")))  # not our subnet
     # A good one last (from another port of the lease holder: the port is not checked), as the marker.
     send_raw("127.0.0.2", ("127.0.0.3", b.port), bytes(ipv4("10.10.1.2", "10.10.2.3", b"good")))
     got = b.tun.receive()
@@ -121,6 +122,7 @@ def test_datagrams_from_hosts_without_a_lease_never_reach_the_tun(nodes: tuple[F
     assert c["decap_drop_spoofed_source"] == 1
     assert c["decap_drop_truncated"] == 1
     assert c["decap_drop_oversized"] == 1
+    assert c["decap_drop_wrong_destination"] == 1
     assert c["decap_packets"] == 1
 
 

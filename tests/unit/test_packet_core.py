@@ -375,6 +375,21 @@ def test_decap_drops_spoofed_and_unknown_senders(impl: ModuleType, src: str, sen
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dst", ["10.99.0.1", "10.10.2.3", "8.8.8.8", "127.0.0.1"])
+def test_decap_delivers_only_what_is_addressed_to_our_subnet(impl: ModuleType, dst: str) -> None:
+    # A lease holder (or anyone who can send from its address) aimed inner packets at the host's own
+    # addresses (etcd, the kubelet, with an overlay source) or at other networks through our forwarding.
+    # A peer's data path only ever sends us what its routes send to our subnet.
+    _, core = make(impl)
+    assert core.decap(ipv4("10.10.2.3", dst), PEER_B)[0] == impl.DELIVER  # not set yet: no check
+    core.set_own_subnet(int(IPv4Address("10.10.1.0")), 24)
+    verdict, value = core.decap(ipv4("10.10.2.3", dst), PEER_B)
+    assert verdict == impl.DROP and name(impl, value) == "decap_drop_wrong_destination"
+    assert core.decap(ipv4("10.10.2.3", "10.10.1.2"), PEER_B)[0] == impl.DELIVER
+    assert core.counters()["decap_drop_wrong_destination"] == 1
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_decap_sender_check_follows_route_changes(impl: ModuleType) -> None:
     table, core = make(impl)
     table.remove(B)

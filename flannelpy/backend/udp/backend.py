@@ -111,6 +111,7 @@ class UdpBackend(Backend):
     async def start(self, lease: Lease) -> None:
         self.lease = lease
         self._loop = asyncio.get_running_loop()
+        self.core.set_own_subnet(int(lease.subnet.network_address), lease.subnet.prefixlen)
         address = lease.subnet.network_address  # flanneld gives flannel0 `<subnet>.0/32`
         wanted = self.offloads_wanted
         creating = asyncio.ensure_future(asyncio.to_thread(

@@ -82,6 +82,7 @@ class FakeNode:
         self.port = port
         self.table: Any = mod.RouteTable(int(network.network_address), network.prefixlen, subnet_len)
         self.core: Any = mod.PacketCore(self.table, mtu)
+        self.core.set_own_subnet(int(subnet.network_address), subnet.prefixlen)
         wanted = choose_offloads(offload, batch, kind)
         self.tun = FakeTun(mtu, vnet_hdr=wanted.vnet_hdr)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
