@@ -58,7 +58,12 @@ def write_text_atomically(path: str | os.PathLike[str], text: str, mode: int = 0
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
-        mode = stat.S_IMODE(target.stat().st_mode)
+        # Only a regular file of ours lends its permissions (not a symlink's target, not a file another user
+        # made in a shared directory), and never write access for others: the file is sourced by shells.
+        st = target.lstat()
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+            mode = stat.S_IMODE(st.st_mode)
+    mode &= ~0o022
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
         with os.fdopen(fd, "w", encoding="ascii") as f:

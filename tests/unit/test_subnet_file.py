@@ -80,6 +80,39 @@ def test_rewrite_replaces_the_file_and_keeps_its_permissions(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
+def test_a_file_another_user_planted_lends_no_permissions(tmp_path):
+    # In a shared directory another user creates subnet.env with mode 0666 before us: the root-owned file that
+    # replaces it must not stay writable for that user (it is sourced by shells as root).
+    if os.geteuid() != 0:
+        pytest.skip("needs root to plant a file of another user")
+    path = tmp_path / "subnet.env"
+    path.write_text("FLANNEL_MTU=1472\n")
+    os.chown(path, 65534, 65534)  # nobody
+    path.chmod(0o666)
+    write_subnet_file(path, parse_config('{"Network":"10.5.0.0/16"}'), LEASE, 1472, True)
+    st = path.stat()
+    assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o644
+
+
+def test_group_and_others_never_get_write_access(tmp_path):
+    path = tmp_path / "subnet.env"
+    path.write_text("x\n")
+    path.chmod(0o666)  # ours, but too open
+    write_subnet_file(path, parse_config('{"Network":"10.5.0.0/16"}'), LEASE, 1472, True)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_a_symlink_in_place_of_the_file_lends_no_permissions(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_text("x\n")
+    target.chmod(0o755)
+    path = tmp_path / "subnet.env"
+    path.symlink_to(target)
+    write_subnet_file(path, parse_config('{"Network":"10.5.0.0/16"}'), LEASE, 1472, True)
+    assert not path.is_symlink() and stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert target.read_text() == "x\n"  # the link's target untouched
+
+
 def test_previous_subnet_reads_back_what_was_written(tmp_path):
     path = tmp_path / "subnet.env"
     write_subnet_file(path, parse_config('{"Network":"10.5.0.0/16"}'), LEASE, 1472, True)
