@@ -294,7 +294,7 @@ def desired_vxlan(
         vtep = parse_vtep(lease)
         if vtep is None:
             skipped.append(Skipped(lease.subnet, "BackendData has no valid VtepMAC",
-                                   {"backend_data": repr(lease.attrs.backend_data)}))
+                                   {"backend_data": repr(lease.attrs.backend_data)[:200]}))
             continue
         mac, lease_vni = vtep
         if lease_vni is not None and lease_vni != vni & 0xFFFF and lease_vni != vni:  # 16 bits in flanneld's

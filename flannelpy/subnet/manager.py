@@ -41,6 +41,8 @@ from flannelpy.subnet.watcher import LeaseEvent, LeaseWatcher
 
 log = structlog.get_logger()
 
+REASON_MAX = 200  # characters of a bad entry's key or reason in a log line
+
 DEFAULT_PREFIX = "/coreos.com/network"
 EXAMPLE_CONFIG = '{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}'
 RENEW_RETRY = 60.0  # flanneld retries a failed renewal every minute
@@ -148,10 +150,13 @@ class SubnetManager:
     def _report_once(self, key: str, revision: int, why: str) -> None:
         # Once per key and reason: a writer that keeps rewriting a bad entry is not a log line per write, and
         # what is remembered goes with the key (deleted, or gone from a fresh listing), so it cannot pile up.
+        if len(why) > REASON_MAX:  # the reason quotes the value: a 1 MB value is not a 1 MB log line
+            why = why[:REASON_MAX] + "..."
         if self._reported.get(key) == why:
             return
         self._reported[key] = why
-        log.warning("ignoring an entry under subnets/ that is not a usable lease", key=key,
+        shown = key if len(key) <= REASON_MAX else key[:REASON_MAX] + "..."
+        log.warning("ignoring an entry under subnets/ that is not a usable lease", key=shown,
                     revision=revision, reason=why)
 
     def _parse(self, kv: KeyValue) -> Lease | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from ipaddress import IPv4Address, IPv4Network
 
@@ -264,4 +265,19 @@ async def test_a_key_rewritten_with_garbage_is_logged_once_and_forgotten_when_de
     await put_lease(reg, 3)
     assert await next_diff(it) == ([3], [])
     assert m._reported == {}
+    await it.aclose()
+
+
+async def test_a_huge_bad_value_is_a_short_log_line() -> None:
+    # The reason quotes the value: a PublicIP of a million characters made a 1 MB warning on every host.
+    reg = MemoryRegistry()
+    m, own = await own_lease(reg)
+    it = m.watch_leases(CONFIG, own)
+    assert await next_diff(it) == ([], [])
+    with capture_logs() as logs:
+        await reg.put(SUBNETS + "10.5.9.0-24", json.dumps({"PublicIP": "A" * 1_000_000}).encode())
+        await put_lease(reg, 2)
+        assert await next_diff(it) == ([2], [])
+    [line] = [e for e in logs if e["event"].startswith("ignoring an entry")]
+    assert len(line["reason"]) < 300 and line["key"] == SUBNETS + "10.5.9.0-24"
     await it.aclose()
