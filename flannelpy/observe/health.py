@@ -21,6 +21,11 @@ log = structlog.get_logger()
 
 ETCD_STALE_AFTER = 60.0  # seconds without a successful etcd call before /readyz fails
 LOOP_STALE_AFTER = 5.0  # a heartbeat older than this means the event loop is blocked
+# A request is a line and a few headers: whoever sends more, or slower, is not a health probe. Without these a
+# client sending a header every few seconds held a connection (an fd, 64 KiB of buffer) for as long as it liked.
+REQUEST_TIMEOUT = 5.0  # seconds for the whole request, headers included, and the answer
+REQUEST_MAX = 8192  # bytes of request line and headers
+CONNECTIONS_MAX = 256  # open at once; more are closed at once
 
 
 class HealthServer:
@@ -32,10 +37,11 @@ class HealthServer:
         self._server: asyncio.AbstractServer | None = None
         self._beat = time.monotonic()
         self._ticker: asyncio.Task[None] | None = None
+        self._open = 0
 
     async def start(self) -> None:
         try:
-            self._server = await asyncio.start_server(self._handle, self.host, self.port)
+            self._server = await asyncio.start_server(self._handle, self.host, self.port, limit=REQUEST_MAX)
         except OSError as e:
             raise FlannelError(f"cannot serve health checks on {self.host}:{self.port}: {e.strerror or e}; "
                                "choose a free --healthz-port (0 turns the server off) or another "
@@ -89,23 +95,31 @@ class HealthServer:
         return 404, "not found\n", "text/plain"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open += 1
         try:
-            line = await asyncio.wait_for(reader.readline(), 5.0)
-            while (await asyncio.wait_for(reader.readline(), 5.0)) not in (b"\r\n", b"\n", b""):
-                pass
-            parts = line.decode("latin-1").split()
-            path = parts[1].split("?", 1)[0] if len(parts) >= 2 else "/"
-            status, body, ctype = self.respond(path)
-            data = body.encode()
-            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
-            writer.write(
-                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(data)}\r\n"
-                f"Connection: close\r\n\r\n".encode() + data
-            )
-            await writer.drain()
+            if self._open > CONNECTIONS_MAX:
+                return
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                line = await reader.readline()
+                size = len(line)
+                while (header := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    size += len(header)
+                    if size > REQUEST_MAX:
+                        return
+                parts = line.decode("latin-1").split()
+                path = parts[1].split("?", 1)[0] if len(parts) >= 2 else "/"
+                status, body, ctype = self.respond(path)
+                data = body.encode()
+                reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+                writer.write(
+                    f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(data)}\r\n"
+                    f"Connection: close\r\n\r\n".encode() + data
+                )
+                await writer.drain()
         except (TimeoutError, ConnectionError, UnicodeDecodeError, ValueError):
-            pass  # slow, gone, or a line over 64 KiB (readline's ValueError): not a request worth an answer
+            pass  # slow, gone, or a line over the limit (readline's ValueError): not a request worth an answer
         except Exception as e:  # a bug of ours: one log line, not asyncio's multi-line traceback
             log.error("health request failed", error=repr(e))
         finally:
+            self._open -= 1
             writer.close()

@@ -103,3 +103,46 @@ async def test_an_oversized_request_line_is_dropped_quietly_and_the_server_goes_
         assert unhandled == []
     finally:
         await server.stop()
+
+
+async def test_a_slow_or_endless_request_is_cut_and_extra_connections_are_closed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A client sending a header every so often held its connection (an fd, a buffer) for as long as it liked;
+    # hundreds of them ran the daemon out of fds (its /healthz and iptables checks failed).
+    import flannelpy.observe.health as health
+
+    monkeypatch.setattr(health, "REQUEST_TIMEOUT", 0.5)
+    monkeypatch.setattr(health, "CONNECTIONS_MAX", 3)
+    server, _ = _server()
+    await server.start()
+    try:
+        slow_r, slow_w = await asyncio.open_connection("127.0.0.1", server.port)
+        slow_w.write(b"GET /healthz HTTP/1.1\r\n")
+        for _ in range(20):  # a header every 0.1 s: each line is quick, the request never ends
+            slow_w.write(b"X-a: b\r\n")
+            await slow_w.drain()
+            await asyncio.sleep(0.1)
+            if slow_r.at_eof():
+                break
+        assert await asyncio.wait_for(slow_r.read(), 5) == b""  # cut before the request was complete
+        slow_w.close()
+
+        long_r, long_w = await asyncio.open_connection("127.0.0.1", server.port)
+        long_w.write(b"GET /healthz HTTP/1.1\r\n" + (b"X-a: " + b"b" * 50 + b"\r\n") * 200)
+        await long_w.drain()
+        assert await asyncio.wait_for(long_r.read(), 5) == b""  # 11 KB of headers: not a probe
+        long_w.close()
+
+        held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
+        extra_r, extra_w = await asyncio.open_connection("127.0.0.1", server.port)
+        assert await asyncio.wait_for(extra_r.read(), 5) == b""  # over the cap: closed at once
+        extra_w.close()
+        for _, w in held:
+            w.close()
+        await asyncio.sleep(0.1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\n\r\n")
+        assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200 OK")
+        writer.close()
+    finally:
+        await server.stop()
