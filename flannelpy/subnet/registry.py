@@ -253,7 +253,9 @@ class EtcdRegistry:
             # is pinged; an idle request channel relies on the per-call deadline instead.
             ("grpc.keepalive_permit_without_calls", 0),
             ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            # As etcd's Go client (MaxCallRecvMsgSize = MaxInt32): one listing of subnets/ with a few dozen
+            # large garbage values passed 64 MiB and stopped every daemon at start.
+            ("grpc.max_receive_message_length", 2**31 - 1),
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", int(max_backoff * 1000)),
         ]
