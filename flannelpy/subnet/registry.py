@@ -233,6 +233,11 @@ class EtcdRegistry:
             raise RegistryError("etcd auth needs both --etcd-username and --etcd-password")
         self._username = username
         self._password = password
+        plain = [e.url for e in self.endpoints if not e.secure]
+        if plain and (cafile or certfile or keyfile or username):
+            # The files (and a password) would go unused, or in the clear: an http:// endpoint is plaintext.
+            log.warning("etcd endpoints without TLS although TLS files or a user are set: not encrypted; "
+                        "write them as https://", endpoints=",".join(plain))
         # How to reach this etcd from a shell, for the hints in messages (no password: it would be logged).
         raw = ",".join(e.url for e in self.endpoints)
         tls = [(name, path) for name, path in (("cafile", cafile), ("certfile", certfile), ("keyfile", keyfile))

@@ -32,3 +32,17 @@ def test_prefix_range_end() -> None:
     assert prefix_range_end(b"/coreos.com/network/subnets/") == b"/coreos.com/network/subnets0"
     assert prefix_range_end(b"a\xff") == b"b"
     assert prefix_range_end(b"\xff\xff") == b"\0"
+
+
+def test_a_password_or_tls_files_with_an_http_endpoint_are_warned_about() -> None:
+    # http:// is plaintext whatever else is given: the password would cross the network in the clear.
+    from structlog.testing import capture_logs
+
+    from flannelpy.subnet.registry import EtcdRegistry
+
+    with capture_logs() as logs:
+        EtcdRegistry(["http://127.0.0.1:2379", "https://127.0.0.2:2379"], username="flannel", password="secret")
+        EtcdRegistry(["http://127.0.0.1:2379"])
+        EtcdRegistry(["127.0.0.1:2379"], username="flannel", password="secret")  # no scheme, no TLS files
+    warned = [e for e in logs if e["event"].startswith("etcd endpoints without TLS")]
+    assert [e["endpoints"] for e in warned] == ["http://127.0.0.1:2379", "127.0.0.1:2379"]
