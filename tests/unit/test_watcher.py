@@ -151,6 +151,14 @@ async def own_lease(reg: MemoryRegistry) -> tuple[SubnetManager, Lease]:
     return m, await m.acquire_lease(CONFIG, ME, prev_subnet=OWN)
 
 
+async def watching(reg: MemoryRegistry) -> tuple[SubnetManager, AsyncIterator[tuple[list[Lease], list[Lease]]]]:
+    """Our lease taken and its watch past the (empty) first snapshot."""
+    m, own = await own_lease(reg)
+    it = m.watch_leases(CONFIG, own)
+    assert await next_diff(it) == ([], [])
+    return m, it
+
+
 async def test_watch_starts_with_snapshot_then_changes() -> None:
     reg = MemoryRegistry()
     await put_lease(reg, 2)
@@ -204,9 +212,7 @@ async def test_compaction_relists_and_diffs() -> None:
 
 async def test_broken_watch_relists() -> None:
     reg = MemoryRegistry()
-    m, own = await own_lease(reg)
-    it = m.watch_leases(CONFIG, own)
-    assert await next_diff(it) == ([], [])
+    _, it = await watching(reg)
     watchers, reg._watchers = reg._watchers, []
     await put_lease(reg, 5)
     reg._watchers = watchers
@@ -250,9 +256,7 @@ async def test_a_key_rewritten_with_garbage_is_logged_once_and_forgotten_when_de
     # One bad writer rewriting a key: one log line (not one per write), and the memory of it goes with the key
     # (it was kept per key and revision, for ever: 50,000 bad writes held 6 MB).
     reg = MemoryRegistry()
-    m, own = await own_lease(reg)
-    it = m.watch_leases(CONFIG, own)
-    assert await next_diff(it) == ([], [])
+    m, it = await watching(reg)
     with capture_logs() as logs:
         for _ in range(100):
             await reg.put(SUBNETS + "10.5.9.0-24", b"garbage")
@@ -271,9 +275,7 @@ async def test_a_key_rewritten_with_garbage_is_logged_once_and_forgotten_when_de
 async def test_a_huge_bad_value_is_a_short_log_line() -> None:
     # The reason quotes the value: a PublicIP of a million characters made a 1 MB warning on every host.
     reg = MemoryRegistry()
-    m, own = await own_lease(reg)
-    it = m.watch_leases(CONFIG, own)
-    assert await next_diff(it) == ([], [])
+    _, it = await watching(reg)
     with capture_logs() as logs:
         await reg.put(SUBNETS + "10.5.9.0-24", json.dumps({"PublicIP": "A" * 1_000_000}).encode())
         await put_lease(reg, 2)
