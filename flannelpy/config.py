@@ -261,6 +261,8 @@ def _bound(raw: dict[str, Any], name: str, default: _Address, network: IPv4Netwo
         addr = type(default)(s)
     except ValueError:
         raise ConfigError(f"config key {name}={s!r}: not an IPv{default.version} address") from None
+    if int(addr) == 0:
+        return default  # flanneld reads the zero address as "not set" (CheckNetworkConfig)
     if addr not in network:
         raise ConfigError(f"config key {name}={s!r}: must lie in {network_key} {network}")
     if (int(addr) - int(network.network_address)) % (1 << (network.max_prefixlen - subnet_len)):

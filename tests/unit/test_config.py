@@ -246,3 +246,10 @@ def test_backend_type_is_case_insensitive_as_in_flanneld(written: str) -> None:
     # flanneld lower-cases it; a mixed cluster with such a config had flannelpy hosts refuse to start.
     config = parse_config(json.dumps({"Network": "10.5.0.0/16", "Backend": {"Type": written}}))
     assert config.backend.type == written.lower()
+
+
+def test_a_zero_subnet_min_or_max_means_the_default_as_in_flanneld() -> None:
+    # flanneld's CheckNetworkConfig takes 0.0.0.0 as "not set"; here it was an error (outside the Network).
+    zero = parse_config(json.dumps({"Network": "10.5.0.0/16", "SubnetMin": "0.0.0.0", "SubnetMax": "0.0.0.0"}))
+    plain = parse_config(json.dumps({"Network": "10.5.0.0/16"}))
+    assert (zero.subnet_min, zero.subnet_max) == (plain.subnet_min, plain.subnet_max)
