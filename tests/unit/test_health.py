@@ -94,7 +94,10 @@ async def test_an_oversized_request_line_is_dropped_quietly_and_the_server_goes_
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\n\r\n")
         await writer.drain()
-        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, no answer, nothing raised
+        try:  # closed, no answer, nothing raised in the server (a reset if it closed with our bytes unread)
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        except ConnectionResetError:
+            pass
         writer.close()
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(b"GET /healthz HTTP/1.1\r\n\r\n")
@@ -111,6 +114,13 @@ async def test_a_slow_or_endless_request_is_cut_and_extra_connections_are_closed
     # hundreds of them ran the daemon out of fds (its /healthz and iptables checks failed).
     import flannelpy.observe.health as health
 
+    async def cut(reader: asyncio.StreamReader) -> bool:
+        """Closed without an answer: EOF, or a reset when the server closed with our bytes unread."""
+        try:
+            return await asyncio.wait_for(reader.read(), 5) == b""
+        except ConnectionResetError:
+            return True
+
     monkeypatch.setattr(health, "REQUEST_TIMEOUT", 0.5)
     monkeypatch.setattr(health, "CONNECTIONS_MAX", 3)
     server, _ = _server()
@@ -124,18 +134,18 @@ async def test_a_slow_or_endless_request_is_cut_and_extra_connections_are_closed
             await asyncio.sleep(0.1)
             if slow_r.at_eof():
                 break
-        assert await asyncio.wait_for(slow_r.read(), 5) == b""  # cut before the request was complete
+        assert await cut(slow_r)  # cut before the request was complete
         slow_w.close()
 
         long_r, long_w = await asyncio.open_connection("127.0.0.1", server.port)
         long_w.write(b"GET /healthz HTTP/1.1\r\n" + (b"X-a: " + b"b" * 50 + b"\r\n") * 200)
         await long_w.drain()
-        assert await asyncio.wait_for(long_r.read(), 5) == b""  # 11 KB of headers: not a probe
+        assert await cut(long_r)  # 11 KB of headers: not a probe
         long_w.close()
 
         held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
         extra_r, extra_w = await asyncio.open_connection("127.0.0.1", server.port)
-        assert await asyncio.wait_for(extra_r.read(), 5) == b""  # over the cap: closed at once
+        assert await cut(extra_r)  # over the cap: closed at once
         extra_w.close()
         for _, w in held:
             w.close()
